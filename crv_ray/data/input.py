@@ -1,0 +1,190 @@
+"""Reading problems: JSONL, Parquet, `datasets` folders/hub names, or the synthetic generator.
+
+Every input row becomes exactly one record. A row that cannot be used (bad JSON, non-UTF-8 bytes, a missing or
+empty field, a duplicate id, an over-long CoT) becomes a record with `error_stage="input"` and a reason that names
+the file, line and field, so it reaches trace and errors instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from crv_ray.answers import normalize_gold
+from crv_ray.config import InputConfig
+
+
+def stable_problem_id(problem: str, answer: str) -> str:
+    """Content hash, so the id survives reordering and re-exports of the same data."""
+    return "p-" + hashlib.sha1(f"{problem}\x00{answer}".encode()).hexdigest()[:16]
+
+
+def _detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return "hf"
+        if any(path.glob("*.parquet")):
+            return "parquet"
+        if any(path.glob("*.jsonl")) or any(path.glob("*.json")):
+            return "jsonl"
+        raise ValueError(f"input.path {path}: folder holds no .parquet/.jsonl files nor a saved `datasets` dataset")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise ValueError(f"input.path {path}: cannot tell the format from the suffix {suffix!r}; set input.format")
+
+
+def _files(path: Path, patterns: tuple[str, ...]) -> list[Path]:
+    if path.is_file():
+        return [path]
+    out: list[Path] = []
+    for pat in patterns:
+        out.extend(sorted(path.glob(pat)))
+    return out
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Yield (location, row or None, error) per non-blank line; bad bytes or JSON are errors, not crashes."""
+    for f in _files(path, ("*.jsonl", "*.json", "*.ndjson")):
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                loc = f"{f.name}:{lineno}"
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield loc, None, f"line {lineno} of {f}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield loc, None, f"line {lineno} of {f}: malformed JSON ({e.msg} at column {e.colno})"
+                    continue
+                if not isinstance(row, dict):
+                    yield loc, None, f"line {lineno} of {f}: expected a JSON object, got {type(row).__name__}"
+                    continue
+                yield loc, row, None
+
+
+def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+    import pyarrow.parquet as pq
+
+    for f in _files(path, ("*.parquet", "*.pq")):
+        pf = pq.ParquetFile(f)
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(f"input file {f} has no column(s) {missing}; it has {pf.schema_arrow.names} (see input.columns)")
+        i = 0
+        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield f"{f.name}:row{i}", row, None
+
+
+def _iter_hf(path: str, split: str, columns: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+    import datasets
+
+    p = Path(path)
+    if p.exists():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"input.split {split!r} not in {path} (splits: {list(ds)})")
+            ds = ds[split]
+    else:  # a hub name: needs network access at run time
+        ds = datasets.load_dataset(path, split=split)
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {path} has no column(s) {missing}; it has {ds.column_names} (see input.columns)")
+    for i, row in enumerate(ds.select_columns(columns)):
+        yield f"{Path(path).name}:row{i + 1}", row, None
+
+
+def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]:
+    if cfg.source == "synthetic":
+        from crv_ray.data.synthetic import generate_problems
+
+        s = cfg.synthetic
+        for i, row in enumerate(generate_problems(s.n, seed=s.seed, verbosity=s.verbosity, wrong_fraction=s.wrong_fraction)):
+            yield f"synthetic:{i + 1}", row, None
+        return
+    cols = cfg.columns
+    wanted = [cols.problem, cols.answer, cols.cot] + ([cols.id] if cols.id else [])
+    path = Path(cfg.path)  # type: ignore[arg-type]
+    if cfg.source == "hf":
+        yield from _iter_hf(cfg.path, cfg.split, wanted)  # type: ignore[arg-type]
+        return
+    if not path.exists():
+        raise ValueError(f"input.path {path} does not exist")
+    fmt = _detect_format(path, cfg.format)
+    if fmt == "jsonl":
+        yield from _iter_jsonl(path)
+    elif fmt == "parquet":
+        yield from _iter_parquet(path, wanted)
+    else:
+        yield from _iter_hf(str(path), cfg.split, wanted)
+
+
+def _field(row: dict, name: str, loc: str) -> tuple[str | None, str | None]:
+    if name not in row:
+        return None, f"{loc}: missing field {name!r}"
+    v = row[name]
+    if v is None:
+        return None, f"{loc}: field {name!r} is null"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        return None, f"{loc}: field {name!r} must be text, got {type(v).__name__}"
+    if not v.strip():
+        return None, f"{loc}: field {name!r} is empty"
+    return v, None
+
+
+def read_problems(cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    """Yield one normalised record per input row: problem_id, source, problem, answer, answer_raw, cot, error."""
+    seen: dict[str, str] = {}
+    cols = cfg.columns
+    if cfg.source == "synthetic":
+        cols = type(cols)(problem="problem", answer="answer", cot="cot", id="id")
+    n = 0
+    for loc, row, err in _raw_rows(cfg):
+        if cfg.limit is not None and n >= cfg.limit:
+            break
+        n += 1
+        rec: dict[str, Any] = {"problem_id": None, "source": loc, "problem": None, "answer": None,
+                               "answer_raw": None, "cot": None, "error": err}
+        if row is not None:
+            problem, e1 = _field(row, cols.problem, loc)
+            answer_raw, e2 = _field(row, cols.answer, loc)
+            cot, e3 = _field(row, cols.cot, loc)
+            rec.update(problem=problem, answer_raw=answer_raw, cot=cot)
+            rec["error"] = e1 or e2 or e3
+            if answer_raw is not None and rec["error"] is None:
+                try:
+                    rec["answer"] = normalize_gold(answer_raw, cfg.answer_format)
+                except ValueError as e:
+                    rec["error"] = f"{loc}: field {cols.answer!r}: {e}"
+            if rec["error"] is None and cfg.max_cot_chars is not None and len(cot) > cfg.max_cot_chars:  # type: ignore[arg-type]
+                rec["error"] = f"{loc}: field {cols.cot!r} has {len(cot)} characters, over input.max_cot_chars={cfg.max_cot_chars}"
+            if cols.id and row.get(cols.id) not in (None, ""):
+                rec["problem_id"] = str(row[cols.id])
+            elif problem is not None and answer_raw is not None:
+                rec["problem_id"] = stable_problem_id(problem, answer_raw)
+        if rec["problem_id"] is None:
+            rec["problem_id"] = f"bad-{hashlib.sha1(loc.encode()).hexdigest()[:12]}"
+        pid = rec["problem_id"]
+        if pid in seen:
+            if rec["error"] is None:
+                rec["error"] = f"{loc}: duplicate problem_id {pid!r} (first seen at {seen[pid]})"
+            rec["problem_id"] = f"{pid}#dup-{hashlib.sha1(loc.encode()).hexdigest()[:8]}"
+        else:
+            seen[pid] = loc
+        yield rec

@@ -1,0 +1,14 @@
+"""Column names shared by every engine transform (the contract between the refine glue and the engines).
+
+In: the working-row columns plus MESSAGES (chat messages as JSON text), SKIP (no call needed) and SEED (optional
+per-row sampling seed). Out: the same working-row columns plus the reply columns below.
+"""
+
+MESSAGES = "__messages"
+SKIP = "__skip"
+SEED = "__seed"
+OUT_REPLY = "__reply"
+OUT_TOKENS = "__completion_tokens"
+OUT_PROMPT_TOKENS = "__prompt_tokens"
+OUT_ERROR = "__reply_error"
+REPLY_COLUMNS = (OUT_REPLY, OUT_TOKENS, OUT_PROMPT_TOKENS, OUT_ERROR)

@@ -1,0 +1,269 @@
+"""The refine stage on Ray Data: ingest into shards, run the role stages (streaming or staged), commit per shard.
+
+The glue is thin: `roles.build_stages` says what each stage does to a row, `engines.build_engine_transform`
+gives the engine pool for a stage, and this module chains them with `map`/`flat_map` and commits results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from crv_ray.config import RunConfig
+from crv_ray.data.input import read_problems
+from crv_ray.engines import build_engine_transform, stage_resources
+from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
+from crv_ray.refine.assemble import assemble_shard
+from crv_ray.refine.prompts import render_student_prompt
+from crv_ray.refine.roles import Reply, StageSpec, build_stages
+from crv_ray.refine.state import empty_state, state_schema, to_table
+from crv_ray.refine.store import RefineStore, write_parquet_atomic
+
+log = logging.getLogger("crv_ray.refine")
+
+
+class RefineError(RuntimeError):
+    pass
+
+
+class RefineStalled(RefineError):
+    pass
+
+
+# ------------------------------------------------------------------ ingest
+def ingest(cfg: RunConfig, store: RefineStore) -> dict:
+    """Read the input once into fixed shards of working rows; rerun-safe (skipped when already done)."""
+    state = store.read_state()
+    if state is not None and state.get("ingested"):
+        return state
+    t0 = time.time()
+    schema = state_schema(cfg.roles.verifier.max_rounds)
+    shards: list[dict] = []
+    buf: list[dict] = []
+
+    def flush() -> None:
+        shard = len(shards)
+        for r in buf:
+            r["shard"] = shard
+        write_parquet_atomic(store.input_file(shard), to_table(buf, schema))
+        shards.append({"shard": shard, "rows": len(buf), "problem_ids": [r["problem_id"] for r in buf]})
+        buf.clear()
+
+    n_in = n_bad = 0
+    for rec in read_problems(cfg.input):
+        n_in += 1
+        row = empty_state(cfg.roles.verifier.max_rounds)
+        row.update({k: rec[k] for k in ("problem_id", "source", "problem", "answer", "answer_raw", "cot")})
+        if rec["error"] is not None:
+            n_bad += 1
+            row["error_stage"], row["error"] = "input", rec["error"]
+        else:
+            row["prompt"] = render_student_prompt(rec["problem"], cfg.refine.student_prompt)
+        buf.append(row)
+        if len(buf) >= cfg.refine.shard_size:
+            flush()
+    if buf:
+        flush()
+    if n_in == 0:
+        raise RefineError(f"the input has no rows ({cfg.input.source}: {cfg.input.path})")
+    state = {
+        "config_hash": cfg.refine_hash(),
+        "ingested": True,
+        "rows_in": n_in,
+        "rows_quarantined_at_input": n_bad,
+        "shards": [{k: s[k] for k in ("shard", "rows")} for s in shards],
+        "ingest_s": round(time.time() - t0, 3),
+    }
+    store.write_state(state)
+    return state
+
+
+# ------------------------------------------------------------------ Ray Data glue for one stage
+def _prepare_fn(spec: StageSpec) -> Callable[[dict], dict]:
+    per_sample_seed = spec.extra.get("per_sample_seed", False)
+    base_seed = (spec.sampling.seed or 0) if spec.sampling else 0
+
+    def prepare(row: dict) -> dict:
+        row = dict(row)
+        msgs = spec.prepare(row) if spec.prepare else None
+        row[MESSAGES] = json.dumps(msgs) if msgs is not None else None
+        row[SKIP] = msgs is None
+        idx = row.get("sample_index")
+        row[SEED] = base_seed + int(idx) if per_sample_seed and idx is not None else None
+        return row
+
+    return prepare
+
+
+def _apply_fn(spec: StageSpec, columns: list[str]) -> Callable[[dict], dict]:
+    def apply(row: dict) -> dict:
+        out = {k: row.get(k) for k in columns}
+        skipped = bool(row.get(SKIP, True))
+        if spec.apply is not None and (not skipped or spec.apply_on_skip):
+            reply = Reply(text=row.get(OUT_REPLY), prompt_tokens=row.get(OUT_PROMPT_TOKENS) or 0,
+                          completion_tokens=row.get(OUT_TOKENS) or 0, error=row.get(OUT_ERROR), skipped=skipped)
+            out = spec.apply(out, reply)
+        return out
+
+    return apply
+
+
+def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
+    if spec.fanout is not None:
+        ds = ds.flat_map(spec.fanout)
+    if spec.engine is None:
+        return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)) if spec.apply else row)
+    ds = ds.map(_prepare_fn(spec))
+    ds = build_engine_transform(cfg, spec, keep=columns + [SKIP])(ds)
+    return ds.map(_apply_fn(spec, columns))
+
+
+# ------------------------------------------------------------------ collecting per shard, with a watchdog
+@dataclass
+class ShardCollector:
+    """Groups finished rows by shard and problem; a shard is complete when all its problems have all copies."""
+
+    expected: dict[int, int]  # shard -> number of problems
+    on_complete: Callable[[int, dict[str, list[dict]]], None]
+    rows: dict[int, dict[str, list[dict]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    finished: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, row: dict) -> None:
+        shard, pid = int(row["shard"]), row["problem_id"]
+        group = self.rows[shard][pid]
+        group.append(row)
+        if len(group) == int(row.get("sample_copies") or 1):
+            self.finished[shard] += 1
+            if self.finished[shard] == self.expected[shard]:
+                self.on_complete(shard, self.rows.pop(shard))
+
+    def incomplete(self) -> list[int]:
+        return sorted(s for s in self.expected if self.finished.get(s, 0) < self.expected[s])
+
+
+def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str):
+    """Yield from `batches`, raising RefineStalled if nothing arrives for `timeout_s` (ray.data.llm can hang silently)."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for b in batches:
+                q.put(b)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=pump, daemon=True, name="refine-pump").start()
+    while True:
+        try:
+            item = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise RefineStalled(
+                f"{what}: no row finished for {timeout_s:.0f} s (refine.watchdog_s). A pool may be waiting for "
+                "resources it cannot get (see `ray status`), or an engine hung."
+            ) from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
+    for batch in iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
+                                       cfg.refine.watchdog_s, what):
+        for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
+            collector.add(row)
+    missing = collector.incomplete()
+    if missing:
+        raise RefineError(f"{what}: shards {missing[:10]} ended incomplete (rows were lost in the pipeline)")
+
+
+# ------------------------------------------------------------------ the two execution modes
+def _read(files: list[Path], schema: pa.Schema):
+    import ray
+
+    return ray.data.read_parquet([str(f) for f in files], schema=schema, shuffle=None)
+
+
+def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
+                  commit: Callable[[int, dict], None]) -> None:
+    schema = state_schema(cfg.roles.verifier.max_rounds)
+    columns = schema.names
+    ds = _read([store.input_file(s["shard"]) for s in shards], schema)
+    for spec in stages:
+        ds = apply_stage(ds, cfg, spec, columns)
+    collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit)
+    run_dataset(ds, collector, cfg, "refine (streaming)", columns)
+
+
+def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
+               commit: Callable[[int, dict], None]) -> None:
+    """One stage at a time over all pending shards; each stage's output lands on disk before the next starts."""
+    schema = state_schema(cfg.roles.verifier.max_rounds)
+    columns = schema.names
+    prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
+    for i, spec in enumerate(stages):
+        stage_dir = f"{i:02d}-{spec.name}"
+        todo = [s for s in shards if not store.stage_file(stage_dir, s["shard"]).exists()]
+        if todo:
+            log.info("stage %s: %d shard(s)", spec.name, len(todo))
+
+            def write(shard: int, by_problem: dict[str, list[dict]], _d: str = stage_dir) -> None:
+                rows = [r for pid in sorted(by_problem) for r in by_problem[pid]]
+                write_parquet_atomic(store.stage_file(_d, shard), to_table(rows, schema))
+
+            ds = apply_stage(_read([prev[s["shard"]] for s in todo], schema), cfg, spec, columns)
+            run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write), cfg,
+                        f"refine stage {spec.name}", columns)
+        prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
+    # Commit from the last stage's files.
+    import pyarrow.parquet as pq
+
+    for s in shards:
+        by_problem: dict[str, list[dict]] = defaultdict(list)
+        for row in pq.read_table(prev[s["shard"]]).to_pylist():
+            by_problem[row["problem_id"]].append(row)
+        commit(s["shard"], by_problem)
+
+
+# ------------------------------------------------------------------ resources
+def check_resources(cfg: RunConfig, stages: list[StageSpec]) -> dict:
+    """Fail before starting when the role pools cannot fit (ray.data.llm would otherwise wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    per_stage = [(s.name, stage_resources(cfg, s)) for s in stages if s.engine is not None]
+    if cfg.refine.mode == "streaming":
+        need = {"CPU": sum(r["CPU"] for _, r in per_stage), "GPU": sum(r["GPU"] for _, r in per_stage)}
+        scope = "all role pools together (refine.mode=streaming)"
+    else:
+        need = {"CPU": max((r["CPU"] for _, r in per_stage), default=0),
+                "GPU": max((r["GPU"] for _, r in per_stage), default=0)}
+        scope = "the largest single stage (refine.mode=staged)"
+    problems = [f"{k}: need {need[k]:g} for {scope}, cluster has {have.get(k, 0):g}"
+                for k in ("CPU", "GPU") if need[k] > have.get(k, 0) + 1e-9]
+    if problems:
+        detail = ", ".join(f"{n}={r['CPU']:g} CPU/{r['GPU']:g} GPU" for n, r in per_stage)
+        hint = ("use refine.mode=staged, fewer replicas, or a bigger cluster" if cfg.refine.mode == "streaming"
+                else "use fewer replicas or tensor_parallel_size, or a bigger cluster")
+        raise RefineError("the role pools do not fit the Ray cluster: " + "; ".join(problems)
+                          + f" (per stage: {detail}); {hint}")
+    return need
+
+
+def required_local_cpus(cfg: RunConfig) -> int:
+    stages = build_stages(cfg)
+    per = [stage_resources(cfg, s)["CPU"] for s in stages if s.engine is not None]
+    need = sum(per) if cfg.refine.mode == "streaming" else max(per, default=0)
+    return int(need) + 2  # + driver-side map tasks

@@ -1,0 +1,305 @@
+"""What each refine stage does to one working row: which rows need a call, the messages, and how a reply lands.
+
+Pure functions of (config, row, reply); the Ray glue in `pipeline.py` only maps them over datasets. A stage is
+described by a `StageSpec`: `prepare(row) -> messages | None` (None = no call for this row) and
+`apply(row, reply, error) -> row`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from crv_ray.answers import check_answer, extract_final_answer
+from crv_ray.config import RunConfig, Sampling
+from crv_ray.refine.parsing import LABELS, extract_rewrite, parse_label, parse_verdict
+from crv_ray.refine.prompts import render_messages
+from crv_ray.refine.state import round_col
+
+Messages = list[dict]
+
+
+@dataclass
+class Reply:
+    text: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    skipped: bool = False  # prepare() returned None: no call was made
+
+
+@dataclass
+class StageSpec:
+    name: str
+    role: str  # for token accounting: critic | rethinker | verifier | injector | student
+    engine: str | None  # engine name; None for CPU-only stages
+    sampling: Sampling | None = None
+    choice: list[str] | None = None  # guided decoding choices, where the engine supports it
+    prepare: Callable[[dict], Messages | None] | None = None
+    apply: Callable[[dict, Reply], dict] | None = None
+    fanout: Callable[[dict], list[dict]] | None = None  # one row -> several (student samples)
+    apply_on_skip: bool = False  # call apply() also for rows that needed no engine call
+    extra: dict = field(default_factory=dict)
+
+
+def alive(row: dict) -> bool:
+    return row.get("error") is None
+
+
+def _account(row: dict, role: str, reply: Reply) -> None:
+    row[f"tok_in_{role}"] = (row.get(f"tok_in_{role}") or 0) + int(reply.prompt_tokens or 0)
+    row[f"tok_out_{role}"] = (row.get(f"tok_out_{role}") or 0) + int(reply.completion_tokens or 0)
+
+
+def _fail(row: dict, stage: str, reason: str) -> dict:
+    row["error_stage"] = stage
+    row["error"] = reason
+    return row
+
+
+# ------------------------------------------------------------------ original CoT check (CPU)
+def check_original(row: dict) -> dict:
+    if not alive(row):
+        return row
+    res = check_answer(row["cot"], row["answer"])
+    row["orig_pred"], row["orig_correct"], row["orig_check"] = res.predicted, res.correct, res.method
+    return row
+
+
+# ------------------------------------------------------------------ critic
+def critic_stage(cfg: RunConfig, attempt: int) -> StageSpec:
+    c = cfg.roles.critic
+    last = attempt == c.max_parse_retries
+    sampling = c.sampling
+    if attempt > 0:
+        # A greedy retry would repeat the same reply: retries sample, with a fresh seed.
+        sampling = sampling.model_copy(update={"temperature": max(sampling.temperature, 0.7),
+                                               "seed": (sampling.seed or 0) + attempt})
+
+    def prepare(row: dict) -> Messages | None:
+        if not alive(row) or row.get("label") is not None:
+            return None
+        return render_messages("critic", c.prompt, problem=row["problem"], answer=row["answer"], cot=row["cot"],
+                               student_name=cfg.student.name, student_size=cfg.student.size)
+
+    def apply(row: dict, reply: Reply) -> dict:
+        _account(row, "critic", reply)
+        raws = json.loads(row["critic_raw"]) if row.get("critic_raw") else []
+        raws.append(reply.text if reply.error is None else f"<error: {reply.error}>")
+        row["critic_raw"] = json.dumps(raws)
+        row["critic_attempts"] = len(raws)
+        label = parse_label(reply.text) if reply.error is None else None
+        if label is not None:
+            row["label"], row["label_source"] = label, "critic"
+        elif last:
+            if c.fallback_label == "error":
+                shown = (reply.text or reply.error or "")[:200]
+                return _fail(row, "critic", f"no parseable label after {len(raws)} attempt(s); last reply: {shown!r}")
+            row["label"], row["label_source"] = c.fallback_label, "fallback"
+        return row
+
+    return StageSpec(name=f"critic_a{attempt}", role="critic", engine=c.engine, sampling=sampling,
+                     choice=list(LABELS), prepare=prepare, apply=apply)
+
+
+# ------------------------------------------------------------------ rethink / verify rounds
+def needs_rethink(cfg: RunConfig, row: dict, r: int) -> bool:
+    if not alive(row) or row.get("refined_verified"):
+        return False
+    if r == 1:
+        if row.get("orig_correct") is False:
+            return cfg.roles.rethinker.repair_wrong_original
+        return row.get("label") in ("easy", "hard")
+    return row.get(round_col(r - 1, "passed")) is False
+
+
+def rethink_stage(cfg: RunConfig, r: int) -> StageSpec:
+    rc = cfg.roles.rethinker
+    overrides = {"easy": rc.prompt_easy, "hard": rc.prompt_hard, "repair": rc.prompt_repair}
+
+    def mode(row: dict) -> str:
+        if row.get("orig_correct") is False:
+            return "repair"
+        return "easy" if row.get("label") == "easy" else "hard"
+
+    def prepare(row: dict) -> Messages | None:
+        if not needs_rethink(cfg, row, r):
+            return None
+        m = mode(row)
+        fields = dict(problem=row["problem"], answer=row["answer"], cot=row["cot"], student_name=cfg.student.name,
+                      student_size=cfg.student.size, feedback=None, previous=None)
+        if r > 1:
+            fields["feedback"] = row.get(round_col(r - 1, "reason"))
+            fields["previous"] = row.get(round_col(r - 1, "cot"))
+        return render_messages(f"rethink_{m}", overrides[m] or rc.prompt, **fields)
+
+    def apply(row: dict, reply: Reply) -> dict:
+        _account(row, "rethinker", reply)
+        row[round_col(r, "mode")] = mode(row)
+        row[round_col(r, "rethink_raw")] = reply.text
+        cot = extract_rewrite(reply.text) if reply.error is None else None
+        row[round_col(r, "cot")] = cot
+        if cot is None:
+            row[round_col(r, "passed")] = False
+            row[round_col(r, "reason")] = f"rethinker error: {reply.error}" if reply.error else "the rewrite was empty"
+            _close_round(cfg, row, r)
+        return row
+
+    return StageSpec(name=f"rethink_r{r}", role="rethinker", engine=rc.engine, sampling=rc.sampling,
+                     prepare=prepare, apply=apply)
+
+
+def _close_round(cfg: RunConfig, row: dict, r: int) -> None:
+    if row.get(round_col(r, "passed")):
+        row["refined_cot"] = row[round_col(r, "cot")]
+        row["refined_verified"] = True
+        row["rounds_used"] = r
+    else:
+        row["refined_cot"] = row.get(round_col(r, "cot")) or row.get("refined_cot")
+        row["refined_verified"] = False
+        row["rounds_used"] = r
+
+
+def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
+    vc = cfg.roles.verifier
+
+    def pending(row: dict) -> bool:
+        return alive(row) and row.get(round_col(r, "cot")) is not None and row.get(round_col(r, "passed")) is None
+
+    def rule(row: dict) -> None:
+        if vc.rule_check and row.get(round_col(r, "rule_ok")) is None:
+            res = check_answer(row[round_col(r, "cot")], row["answer"])
+            row[round_col(r, "rule_pred")] = res.predicted
+            row[round_col(r, "rule_ok")] = res.correct
+
+    def prepare(row: dict) -> Messages | None:
+        if not pending(row):
+            return None
+        rule(row)
+        if not vc.llm_judge or ("rule" in vc.require and row.get(round_col(r, "rule_ok")) is False):
+            return None  # the judge cannot rescue a wrong final answer: save the call
+        return render_messages("verifier", vc.prompt, problem=row["problem"], answer=row["answer"],
+                               cot=row[round_col(r, "cot")])
+
+    def apply(row: dict, reply: Reply) -> dict:
+        if not pending(row):
+            return row
+        rule(row)
+        reasons = []
+        ok = True
+        if vc.rule_check:
+            rule_ok = bool(row.get(round_col(r, "rule_ok")))
+            if not rule_ok:
+                pred = row.get(round_col(r, "rule_pred"))
+                reasons.append(f"the final answer {pred!r} does not match the expected answer {row['answer']!r}"
+                               if pred is not None else "no final answer in \\boxed{} was found")
+            if "rule" in vc.require:
+                ok &= rule_ok
+        # A skipped judge call means the judge is off or a required rule check already failed.
+        if not reply.skipped:
+            _account(row, "verifier", reply)
+            row[round_col(r, "judge_raw")] = reply.text
+            v = parse_verdict(reply.text) if reply.error is None else None
+            judge_pass = v.passed if v is not None else None
+            row[round_col(r, "judge_pass")] = judge_pass
+            if judge_pass is not True:
+                reasons.append(v.reason if v is not None and v.reason else
+                               f"the judge's reply could not be read ({reply.error or 'no verdict'})")
+            if "llm" in vc.require:
+                ok &= judge_pass is True
+        row[round_col(r, "passed")] = ok
+        row[round_col(r, "reason")] = "; ".join(reasons) if reasons else "passed"
+        _close_round(cfg, row, r)
+        return row
+
+    return StageSpec(name=f"verify_r{r}", role="verifier", engine=vc.engine if vc.llm_judge else None,
+                     sampling=vc.sampling, prepare=prepare, apply=apply, apply_on_skip=True)
+
+
+# ------------------------------------------------------------------ negatives
+def aligned_text(row: dict) -> str | None:
+    if row.get("refined_verified"):
+        return row.get("refined_cot")
+    if row.get("label") == "medium" and row.get("orig_correct"):
+        return row.get("cot")
+    return None
+
+
+def _covered_before(cfg: RunConfig, row: dict, source: str) -> bool:
+    """True when a source earlier in `negatives.sources` already gave this row a negative."""
+    for s in cfg.negatives.sources:
+        if s == source:
+            return False
+        if s == "wrong_original" and row.get("orig_correct") is False:
+            return True
+        if s == "injected" and row.get("injected_ok"):
+            return True
+    return False
+
+
+def inject_stage(cfg: RunConfig) -> StageSpec:
+    ic = cfg.negatives.injector
+
+    def prepare(row: dict) -> Messages | None:
+        if not alive(row) or _covered_before(cfg, row, "injected"):
+            return None
+        base = aligned_text(row) or (row["cot"] if row.get("orig_correct") else None)
+        if base is None:
+            return None
+        return render_messages("inject_error", ic.prompt, problem=row["problem"], answer=row["answer"], cot=base)
+
+    def apply(row: dict, reply: Reply) -> dict:
+        _account(row, "injector", reply)
+        row["injected_raw"] = reply.text
+        cot = extract_rewrite(reply.text) if reply.error is None else None
+        row["injected_cot"] = cot
+        if cot is not None:
+            pred = extract_final_answer(cot)
+            row["injected_pred"] = pred
+            # Only a rewrite whose answer really changed is a negative.
+            row["injected_ok"] = pred is not None and not check_answer(cot, row["answer"]).correct
+        else:
+            row["injected_ok"] = False
+        return row
+
+    return StageSpec(name="inject", role="injector", engine=ic.engine, sampling=ic.sampling,
+                     prepare=prepare, apply=apply)
+
+
+def student_stage(cfg: RunConfig) -> StageSpec:
+    sc = cfg.negatives.student
+
+    def fanout(row: dict) -> list[dict]:
+        if not alive(row) or _covered_before(cfg, row, "student_samples"):
+            return [{**row, "sample_index": None, "sample_copies": 1}]
+        return [{**row, "sample_index": i, "sample_copies": sc.k} for i in range(sc.k)]
+
+    def prepare(row: dict) -> Messages | None:
+        if row.get("sample_index") is None:
+            return None
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def apply(row: dict, reply: Reply) -> dict:
+        _account(row, "student", reply)
+        row["student_raw"] = reply.text if reply.error is None else None
+        if reply.text is not None and reply.error is None:
+            res = check_answer(reply.text, row["answer"])
+            row["student_pred"], row["student_correct"] = res.predicted, res.correct
+        return row
+
+    return StageSpec(name="student", role="student", engine=sc.engine, sampling=sc.sampling,
+                     prepare=prepare, apply=apply, fanout=fanout, extra={"per_sample_seed": True})
+
+
+def build_stages(cfg: RunConfig) -> list[StageSpec]:
+    """The refine pipeline, unrolled: check, critic attempts, rethink/verify rounds, negatives."""
+    stages = [StageSpec(name="check_original", role="none", engine=None, apply=lambda row, _r: check_original(row), apply_on_skip=True)]
+    stages += [critic_stage(cfg, a) for a in range(cfg.roles.critic.max_parse_retries + 1)]
+    for r in range(1, cfg.roles.verifier.max_rounds + 1):
+        stages += [rethink_stage(cfg, r), verify_stage(cfg, r)]
+    if "injected" in cfg.negatives.sources:
+        stages.append(inject_stage(cfg))
+    if "student_samples" in cfg.negatives.sources:
+        stages.append(student_stage(cfg))
+    return stages

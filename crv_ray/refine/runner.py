@@ -1,0 +1,123 @@
+"""`crv-ray refine`: resume-aware driver of the refine stage (ingest, pending shards, run, commit, manifest)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from crv_ray.config import RunConfig
+from crv_ray.refine.assemble import assemble_shard
+from crv_ray.refine.manifest import write_manifest
+from crv_ray.refine.pipeline import (
+    RefineError,
+    check_resources,
+    ingest,
+    required_local_cpus,
+    run_staged,
+    run_streaming,
+)
+from crv_ray.refine.roles import build_stages
+from crv_ray.refine.store import DATASETS, RefineStore
+
+log = logging.getLogger("crv_ray.refine")
+
+
+@dataclass
+class RefineResult:
+    run_dir: Path
+    manifest: dict
+    shards_run: int
+    shards_skipped: int
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / "refine" / name
+
+
+def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
+    """Join the configured cluster, or start a local one with enough logical CPUs for the role pools."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    # Engine pools reserve logical CPUs for tokenizer/detokenizer actors that mostly sleep: oversubscribing a
+    # small machine is what lets them all start (with 2 logical CPUs the pipeline waits forever).
+    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
+    ray.init(num_cpus=cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
+             dashboard_host=cfg.ray.dashboard_host, log_to_driver=False)
+
+
+class ConfigChanged(RefineError):
+    pass
+
+
+def _check_config(cfg: RunConfig, store: RefineStore) -> None:
+    state = store.read_state()
+    if state is None or state.get("config_hash") == cfg.refine_hash():
+        return
+    policy = cfg.refine.on_config_change
+    if policy == "restart":
+        log.warning("refine config changed (%s -> %s): removing old refine outputs", state.get("config_hash"),
+                    cfg.refine_hash())
+        store.reset()
+    elif policy == "continue":
+        log.warning("refine config changed; continuing with old shards kept (refine.on_config_change=continue)")
+        state.setdefault("previous_config_hashes", []).append(state["config_hash"])
+        state["config_hash"] = cfg.refine_hash()
+        store.write_state(state)
+    else:
+        raise ConfigChanged(
+            f"{store.root} holds outputs of a different config (hash {state.get('config_hash')}, now "
+            f"{cfg.refine_hash()}). Use another run_dir, or set refine.on_config_change=restart (discard them) "
+            "or =continue (keep them and mix)."
+        )
+
+
+def run_refine(cfg: RunConfig) -> RefineResult:
+    store = RefineStore(cfg.run_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    _check_config(cfg, store)
+    t_start = time.time()
+    state = ingest(cfg, store)
+    shards = state["shards"]
+    pending = [s for s in shards if not store.is_done(s["shard"])]
+    if cfg.refine.max_shards_per_run is not None:
+        pending = pending[: cfg.refine.max_shards_per_run]
+    skipped = len(shards) - len([s for s in shards if not store.is_done(s["shard"])])
+    log.info("refine: %d rows in %d shard(s); %d done, %d to run (%s mode)", state["rows_in"], len(shards),
+             skipped, len(pending), cfg.refine.mode)
+    stages = build_stages(cfg)
+    config_hash = cfg.refine_hash()
+    done_now = 0
+
+    def commit(shard: int, by_problem: dict) -> None:
+        nonlocal done_now
+        tables = assemble_shard(cfg, by_problem, config_hash)
+        info = {name: tables[name].num_rows for name in DATASETS}
+        info.update(shard=shard, committed_at=time.time())
+        store.commit_shard(shard, tables, info)
+        done_now += 1
+        elapsed = time.time() - t_start
+        print(f"[refine] shard {shard} committed ({info['trace']} rows: {info['sft']} sft, {info['pairs']} pairs, "
+              f"{info['errors']} errors); {done_now}/{len(pending)} this run, {elapsed:.0f}s", flush=True)
+
+    if pending:
+        init_ray(cfg, required_local_cpus(cfg))
+        check_resources(cfg, stages)
+        t0 = time.time()
+        if cfg.refine.mode == "streaming":
+            run_streaming(cfg, store, stages, pending, commit)
+        else:
+            run_staged(cfg, store, stages, pending, commit)
+        state = store.read_state() or state
+        state.setdefault("runs", []).append({"mode": cfg.refine.mode, "shards": len(pending),
+                                             "wall_s": round(time.time() - t0, 3), "started_at": t_start})
+        store.write_state(state)
+    manifest = write_manifest(cfg, store)
+    return RefineResult(Path(cfg.run_dir), manifest, shards_run=len(pending), shards_skipped=skipped)

@@ -1,0 +1,80 @@
+"""The run's stages in order (refine -> sft -> reference log-probs -> cogpo), each reading the previous one's
+datasets from the run directory and skipped when its outputs are complete for the same config."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from crv_ray.config import RunConfig
+
+
+def stage_paths(cfg: RunConfig) -> dict[str, Path]:
+    run = Path(cfg.run_dir)
+    return {
+        "refine": run / "refine",
+        "sft_data": run / "refine" / "sft",
+        "pairs": run / "refine" / "pairs",
+        "sft": run / "sft",
+        "ref_pairs": run / "ref_logps" / "pairs.parquet",
+        "cogpo": run / "cogpo",
+    }
+
+
+def _student_dir(cfg: RunConfig) -> Path:
+    from crv_ray.engines import resolved_model_path
+
+    p = Path(resolved_model_path(cfg.student.model))
+    if not p.exists():
+        raise ValueError(f"student.model {cfg.student.model!r}: no such model directory")
+    return p
+
+
+def run_train_stage(cfg: RunConfig, stage: str) -> dict[str, Path]:
+    """`crv-ray train sft|cogpo`: one training stage from the refine datasets in the run directory."""
+    from crv_ray.refine.runner import init_ray
+    from crv_ray.train import api
+
+    paths = stage_paths(cfg)
+    init_ray(cfg)
+    if stage == "sft":
+        if not paths["sft_data"].exists():
+            raise ValueError(f"no SFT data at {paths['sft_data']}: run `crv-ray refine` first")
+        model = api.run_sft(cfg.train, _student_dir(cfg), paths["sft_data"], paths["sft"])
+        return {"sft model": model, "metrics": paths["sft"] / "metrics.jsonl", "checkpoints": paths["sft"] / "checkpoints"}
+    if stage == "cogpo":
+        sft_model = paths["sft"] / "model"
+        if not sft_model.exists():
+            raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
+        if not paths["pairs"].exists():
+            raise ValueError(f"no pairs at {paths['pairs']}: run `crv-ray refine` first")
+        ref = api.run_ref_logps(cfg.train, sft_model, paths["pairs"], paths["ref_pairs"])
+        model = api.run_cogpo(cfg.train, sft_model, ref, paths["cogpo"])
+        return {"ref log-probs": ref, "cogpo model": model, "metrics": paths["cogpo"] / "metrics.jsonl",
+                "checkpoints": paths["cogpo"] / "checkpoints"}
+    raise ValueError(f"unknown training stage {stage!r} (sft or cogpo)")
+
+
+def run_all(cfg: RunConfig) -> dict[str, Path]:
+    from crv_ray.refine.runner import run_refine
+
+    t0 = time.time()
+    print(f"[run] 1/3 refine -> {stage_paths(cfg)['refine']}", flush=True)
+    res = run_refine(cfg)
+    rec = res.manifest["reconciliation"]
+    if not rec["complete"]:
+        raise RuntimeError(f"refine is incomplete ({res.manifest['shards']}); rerun to resume")
+    if rec["sft_rows"] == 0:
+        raise RuntimeError("refine produced no SFT rows: nothing to train on (see refine/manifest.json)")
+    print(f"[run] 2/3 sft ({rec['sft_rows']} rows) -> {stage_paths(cfg)['sft']}  [{time.time() - t0:.0f}s]", flush=True)
+    out = {"refine trace": res.path("trace"), "sft data": res.path("sft"), "pairs": res.path("pairs"),
+           "errors": res.path("errors"), "manifest": res.path("manifest.json")}
+    out.update(run_train_stage(cfg, "sft"))
+    if rec["pairs_rows"] == 0:
+        print("[run] no preference pairs: CogPO skipped", flush=True)
+        return out
+    print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {stage_paths(cfg)['cogpo']}  [{time.time() - t0:.0f}s]",
+          flush=True)
+    out.update(run_train_stage(cfg, "cogpo"))
+    print(f"[run] done in {time.time() - t0:.0f}s", flush=True)
+    return out

@@ -1,0 +1,150 @@
+"""Entry points of the training stages (what the CLI calls). Each reads datasets and writes a model directory.
+
+Stage directory layout (`out_dir`):
+  data/<hash>/tokenized.arrow   tokenized rows after the length policy (reused by a rerun)
+  data_report.json              rows in, dropped / truncated counts, padding fraction, steps per epoch
+  checkpoints/<stage>-<hash>/   Ray Train run: sharded DCP checkpoints (latest K kept)
+  metrics.jsonl, tb/            metrics of rank 0 (JSON lines; TensorBoard)
+  model/                        the exported Hugging Face model (+ crv_ray_train.json, the completion marker)
+
+Each stage is idempotent: a finished stage with the same config hash is skipped; an unfinished one resumes from its
+latest checkpoint. The run directory must be on storage every worker node sees (shared FS) on multi-node clusters.
+Ray is initialised by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from crv_ray.train.config import TrainConfig, stage_hash
+from crv_ray.train.data import TOKENIZED_FILE, DataReport, TokenizedRows, plan_padding_fraction, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+MARKER = "crv_ray_train.json"
+
+
+def _is_done(model_dir: Path, config_hash: str) -> bool:
+    marker = model_dir / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("config_hash") == config_hash
+
+
+def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig, stage: str, out_dir: Path,
+                  config_hash: str) -> Path:
+    """Tokenize once per config hash; write data_report.json (with the plan's padding fraction)."""
+    from crv_ray.train.data import tokenize_to_file
+
+    stage_cfg = getattr(cfg, stage)
+    data_dir = out_dir / "data" / config_hash
+    tokenized = data_dir / TOKENIZED_FILE
+    report_path = data_dir / "data_report.json"
+    if tokenized.is_file() and report_path.is_file():
+        shutil.copyfile(report_path, out_dir / "data_report.json")
+        return tokenized
+    report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, data_dir)
+    rows = TokenizedRows(tokenized)
+    world = cfg.scaling.num_workers
+    report.padding_fraction = plan_padding_fraction(rows.seq_lengths, world, stage_cfg)
+    report.steps_per_epoch = steps_per_epoch(len(rows), world, stage_cfg.per_device_batch_size,
+                                             stage_cfg.grad_accum_steps)
+    report.write(report_path)
+    shutil.copyfile(report_path, out_dir / "data_report.json")
+    logger.info("%s data: %d rows in, %d kept, %d dropped (prompt), %d dropped (length), %d truncated, "
+                "padding %.1f%%", stage, report.rows_in, report.rows_kept, report.dropped_prompt_too_long,
+                report.dropped_too_long, report.truncated, 100 * report.padding_fraction)
+    return tokenized
+
+
+def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: dict, out_dir: Path,
+         config_hash: str):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    stage_cfg = getattr(cfg, stage)
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=run,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        # Same name + storage path on a rerun: Ray Train restores the run and hands out its latest checkpoint.
+        run_config=ray.train.RunConfig(
+            name=f"{stage}-{config_hash}", storage_path=str(out_dir / "checkpoints"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_last_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=stage_cfg.max_failures)),
+    )
+    return trainer.fit()
+
+
+def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Path, data_path: Path,
+               out_dir: Path) -> Path:
+    from crv_ray.train.data import load_tokenizer
+    from crv_ray.train.ref_logps import pad_token_id
+
+    model_dir, data_path, out_dir = Path(model_dir).resolve(), Path(data_path).resolve(), Path(out_dir).resolve()
+    config_hash = stage_hash(cfg, stage, model_dir=str(model_dir), data=str(data_path))
+    export_dir = out_dir / "model"
+    if _is_done(export_dir, config_hash):
+        logger.info("%s: %s is complete for config %s, skipping", stage, export_dir, config_hash)
+        return export_dir
+    if export_dir.exists():  # an export of another config: never leave it looking like this run's result
+        shutil.rmtree(export_dir)
+    tokenizer = load_tokenizer(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenized = _prepare_data(kind, data_path, model_dir, cfg, stage, out_dir, config_hash)
+    run = {"train_cfg": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data_file": str(tokenized),
+           "out_dir": str(out_dir), "config_hash": config_hash, "pad_id": pad_token_id(tokenizer)}
+    _fit(train_fn, cfg, stage, run, out_dir, config_hash)
+    if (export_dir / "config.json").is_file():
+        (export_dir / MARKER).write_text(json.dumps({"stage": stage, "config_hash": config_hash,
+                                                     "model_dir": str(model_dir), "data": str(data_path),
+                                                     "config": cfg.model_dump(mode="json")}, indent=2))
+    else:
+        logger.info("%s stopped before the end (stop_after_steps); rerun to resume", stage)
+    return export_dir
+
+
+def run_sft(cfg: TrainConfig, model_dir: Path, sft_path: Path, out_dir: Path) -> Path:
+    """SFT of the student at `model_dir` on the `sft` dataset; returns `out_dir/model`.
+
+    With `cfg.sft.stop_after_steps` the run stops early and nothing is exported yet (the path does not exist).
+    """
+    from crv_ray.train.sft_recipe import sft_train_loop
+
+    return _run_stage("sft", "sft", sft_train_loop, cfg, model_dir, sft_path, out_dir)
+
+
+def run_ref_logps(cfg: TrainConfig, ref_model_dir: Path, pairs_path: Path, out_path: Path) -> Path:
+    """Pairs + reference log-probs of the SFT model, as a Parquet directory at `out_path` (skipped if complete)."""
+    from crv_ray.train.ref_logps import compute_ref_logps
+
+    return compute_ref_logps(ref_model_dir, pairs_path, out_path, cfg)
+
+
+def run_cogpo(cfg: TrainConfig, sft_model_dir: Path, pairs_with_ref_path: Path, out_dir: Path) -> Path:
+    """CogPO from the SFT model on pairs (with ref columns unless `cogpo.reference == "online"`); returns
+    `out_dir/model`."""
+    from crv_ray.train.cogpo_recipe import cogpo_train_loop
+
+    return _run_stage("cogpo", "pairs", cogpo_train_loop, cfg, sft_model_dir, pairs_with_ref_path, out_dir)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """metrics.jsonl of a stage, one entry per step (the last one written wins after a resume)."""
+    by_step: dict[int, dict] = {}
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            by_step[entry["step"]] = entry
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_report(out_dir: Path) -> DataReport:
+    return DataReport(**json.loads((Path(out_dir) / "data_report.json").read_text()))

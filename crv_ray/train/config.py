@@ -1,0 +1,132 @@
+"""Typed configuration of the training half: SFT, reference log-probs and CogPO.
+
+Every field has a default and a description; unknown keys fail at load time (`extra="forbid"`), so a typo in a
+YAML file names the offending field instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Project defaults for the per-gap beta (method.md, "Beta values"): a subtle preference gets a gentle push.
+DEFAULT_GAP_BETAS: dict[str, float] = {"small": 1.0, "medium": 0.5, "large": 0.2}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Number of Ray Train workers (one process per device).")
+    use_gpu: bool = Field(False, description="Train on GPUs (nccl) instead of CPUs (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker when use_gpu is true.")
+
+
+class FSDPConfig(_Strict):
+    enabled: bool = Field(True, description="Shard each decoder layer and the root with FSDP2 (fully_shard).")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Parameter dtype inside forward/backward: auto = bf16 on GPU, fp32 on CPU. "
+        "Gradients are always reduced in fp32 and master weights stay fp32.")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters/grads/optimizer state in CPU memory "
+                              "(FSDP2 CPUOffloadPolicy); only meaningful on GPU.")
+
+
+class LoRAConfig(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters.")
+
+
+class _StageConfig(_Strict):
+    epochs: int = Field(1, ge=1, description="Passes over the dataset.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of optimizer steps of linear warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this; null = no clip.")
+    per_device_batch_size: int = Field(1, ge=1, description="Rows per micro-batch per worker.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per worker per optimizer step.")
+    max_length: int = Field(8192, ge=8, description="Max tokens of prompt + response (long CoTs need 8k-32k).")
+    max_prompt_length: int = Field(4096, ge=1, description="Rows whose prompt is longer are dropped (counted).")
+    truncation: Literal["drop", "truncate_response"] = Field(
+        "drop", description="Rows over max_length: drop them, or cut the response to fit. Both are counted "
+        "in data_report.json.")
+    group_by_length: bool = Field(True, description="Build batches of similar length to waste less on padding.")
+    length_group_window: int = Field(64, ge=1, description="Optimizer steps per window that is sorted by length "
+                                     "(larger = less padding, less randomness).")
+    seed: int = Field(42, description="Seed of data order, initialisation of LoRA and RNG streams.")
+    checkpoint_every_steps: int = Field(100, ge=1, description="Save a sharded checkpoint every N optimizer steps "
+                                        "(and always at the end).")
+    keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (older ones deleted).")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1 = inf).")
+    log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
+    logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when projecting hidden states to "
+                                    "vocab log-probs (bounds the [tokens, vocab] logits memory).")
+    stop_after_steps: int | None = Field(None, ge=1, description="Stop (after checkpointing) once this many "
+                                         "optimizer steps are done, without exporting. For tests and "
+                                         "time-boxed jobs; a rerun resumes. Not part of the config hash.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        return self
+
+
+class SFTConfig(_StageConfig):
+    epochs: int = Field(3, ge=1, description="Passes over the SFT dataset (recipe: 3).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (recipe: 2e-5).")
+
+
+class CogPOConfig(_StageConfig):
+    epochs: int = Field(1, ge=1, description="Passes over the pairs (recipe: 1).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (recipe: 1e-6).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing eps.")
+    gap_betas: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GAP_BETAS),
+                                        description="Beta per gap type, used for rows without a beta column value.")
+    default_beta: float = Field(0.5, gt=0, description="Beta for rows with neither a beta nor a known gap.")
+    reference: Literal["precomputed", "online"] = Field(
+        "precomputed", description="precomputed: read ref_chosen_logp/ref_rejected_logp columns (one model in "
+        "memory); online: run a frozen copy of the starting model.")
+
+    @field_validator("gap_betas")
+    @classmethod
+    def _positive_betas(cls, v: dict[str, float]) -> dict[str, float]:
+        for gap, beta in v.items():
+            if not beta > 0:
+                raise ValueError(f"gap_betas[{gap!r}] must be > 0, got {beta}")
+        return v
+
+
+class TrainConfig(_Strict):
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning stage.")
+    cogpo: CogPOConfig = Field(default_factory=CogPOConfig, description="CogPO preference stage.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options.")
+    lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (merged at export); null = full.")
+    ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
+    ref_num_actors: int = Field(1, ge=1, description="Ray Data actors holding a reference model copy.")
+
+
+def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
+    """Hash of what determines a stage's result: its config, the shared parts and the input paths.
+
+    `stop_after_steps` is left out so a stopped run and its resumption share one run directory.
+    """
+    stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps"})
+    payload = {
+        "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
+        "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),
+        "lora": None if cfg.lora is None else cfg.lora.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,434 @@
+"""Training data: read and validate Parquet, tokenize with the student's chat template, apply the length
+policy, plan length-grouped batches.
+
+Flow (driver): validate files -> Ray Data `read_parquet` -> `map_batches(tokenize)` -> stream the kept rows into
+one Arrow IPC file (`tokenized.arrow`) + `data_report.json`.
+Workers memory-map that file and take their rows by step index from a deterministic plan (`plan_epoch`), not
+from `ray.train.get_dataset_shard`: every rank must run exactly the same number of micro-batches (FSDP
+collectives hang otherwise), the global token count of a step must be known up front to normalise the loss,
+and resuming at step k must give exactly the batches an uninterrupted run would have seen. A plan that is a
+pure function of (lengths, seed, epoch, world size) gives all three for free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from crv_ray.train.config import CogPOConfig, SFTConfig, _StageConfig
+
+Kind = Literal["sft", "pairs"]
+
+SFT_COLUMNS = ("prompt", "response")
+PAIRS_COLUMNS = ("prompt", "chosen", "rejected")
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+TOKENIZED_FILE = "tokenized.arrow"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and validation
+# ----------------------------------------------------------------------------------------------------------
+
+def list_parquet_files(path: str | Path, what: str = "dataset") -> list[Path]:
+    """A Parquet file, or the sorted `*.parquet` files under a directory."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if files:
+            return files
+        raise ValueError(f"{what} directory {str(path)!r} holds no .parquet files")
+    raise ValueError(f"{what} path {str(path)!r} does not exist")
+
+
+def _check_text_column(table: pa.Table, col: str, file: Path, offset: int) -> None:
+    values = table.column(col)
+    bad = pc.or_(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+    idx = np.flatnonzero(np.asarray(bad.to_numpy(zero_copy_only=False), dtype=bool))
+    if idx.size:
+        raise ValueError(f"{file}: column {col!r} is empty or null in row {int(idx[0]) + offset} "
+                         f"({idx.size} such rows)")
+
+
+def validate_files(files: list[Path], kind: Kind, gap_betas: dict[str, float] | None = None,
+                   require_ref: bool = False) -> int:
+    """Check columns and values of every file; return the total row count. Errors name file, column and row."""
+    required = list(SFT_COLUMNS if kind == "sft" else PAIRS_COLUMNS) + (list(REF_COLUMNS) if require_ref else [])
+    n_rows = 0
+    for file in files:
+        names = pq.read_schema(file).names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise ValueError(f"{file}: missing column(s) {missing} (has {names})")
+        schema = pq.read_schema(file)
+        for col in required:
+            typ = schema.field(col).type
+            if col not in REF_COLUMNS and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)
+                                               or pa.types.is_null(typ)):
+                raise ValueError(f"{file}: column {col!r} must be text, is {typ}")
+        cols = [c for c in required] + [c for c in ("beta", "gap") if kind == "pairs" and c in names]
+        table = pq.read_table(file, columns=cols)
+        for col in required:
+            if col not in REF_COLUMNS:
+                _check_text_column(table, col, file, 0)
+        if kind == "pairs":
+            if "beta" in names:
+                beta = table.column("beta").to_numpy(zero_copy_only=False).astype(float)
+                present = ~pc.is_null(table.column("beta")).to_numpy(zero_copy_only=False)
+                bad = np.flatnonzero(present & ~(beta > 0))  # catches NaN, 0 and negatives
+                if bad.size:
+                    raise ValueError(f"{file}: column 'beta' must be > 0 (and not NaN); row {int(bad[0])} has "
+                                     f"{beta[bad[0]]}")
+            if "gap" in names and gap_betas is not None:
+                gaps = table.column("gap").to_pylist()
+                beta_col = table.column("beta").to_pylist() if "beta" in names else [None] * len(gaps)
+                for i, (gap, b) in enumerate(zip(gaps, beta_col)):
+                    if b is None and gap is not None and gap not in gap_betas:
+                        raise ValueError(f"{file}: column 'gap' row {i} has unknown gap {gap!r} and no beta; "
+                                         f"known gaps: {sorted(gap_betas)}")
+        n_rows += table.num_rows
+    return n_rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization
+# ----------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"student model path {str(model_dir)!r} is not a model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tok.chat_template:
+        raise ValueError(f"tokenizer in {str(model_dir)!r} has no chat_template; training needs one")
+    return tok
+
+
+def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_tokenize(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of the chat (user=prompt, assistant=response) and the prompt length.
+
+    The prompt part is the prompt-only chat with the generation prompt; everything after it (the response and
+    the template's end-of-turn tokens) is trained on. A template that renders the prompt differently when an
+    answer follows would silently train on the wrong tokens, so the prefix is checked.
+    """
+    prompt_ids = _template_ids(tokenizer, [{"role": "user", "content": prompt}], True)
+    ids = _template_ids(tokenizer, [{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": response}], False)
+    if ids[: len(prompt_ids)] != prompt_ids or len(ids) <= len(prompt_ids):
+        raise ValueError("chat template: the prompt-only chat (add_generation_prompt=True) is not a prefix of the "
+                         f"full chat; cannot mask the prompt. prompt starts {prompt[:60]!r}")
+    return ids, len(prompt_ids)
+
+
+def apply_length_policy(ids: list[int], prompt_len: int, cfg: _StageConfig) -> tuple[list[int] | None, str]:
+    """(ids or None, status) with status in ok | truncated | dropped_prompt | dropped_length."""
+    if prompt_len > cfg.max_prompt_length:
+        return None, "dropped_prompt"
+    if len(ids) <= cfg.max_length:
+        return ids, "ok"
+    if cfg.truncation == "drop":
+        return None, "dropped_length"
+    return ids[: cfg.max_length], "truncated"  # max_prompt_length < max_length keeps >= 1 response token
+
+
+def resolve_beta(beta, gap, cfg: CogPOConfig) -> float:
+    if beta is not None and not (isinstance(beta, float) and math.isnan(beta)):
+        return float(beta)
+    if gap is not None and gap in cfg.gap_betas:
+        return float(cfg.gap_betas[gap])
+    return float(cfg.default_beta)
+
+
+_LIST = pa.list_(pa.int32())
+
+
+def tokenize_sft_batch(tokenizer, batch: pa.Table, cfg: SFTConfig) -> pa.Table:
+    out = {"input_ids": [], "prompt_len": [], "status": []}
+    for prompt, response in zip(batch.column("prompt").to_pylist(), batch.column("response").to_pylist()):
+        ids, plen = chat_tokenize(tokenizer, prompt, response)
+        kept, status = apply_length_policy(ids, plen, cfg)
+        out["input_ids"].append(kept or [])
+        out["prompt_len"].append(plen)
+        out["status"].append(status)
+    return pa.table({"input_ids": pa.array(out["input_ids"], _LIST),
+                     "prompt_len": pa.array(out["prompt_len"], pa.int32()),
+                     "status": pa.array(out["status"], pa.string())})
+
+
+def tokenize_pairs_batch(tokenizer, batch: pa.Table, cfg: CogPOConfig) -> pa.Table:
+    """Chosen and rejected share the prompt; a pair is dropped if either side is (the pair is the unit)."""
+    names = batch.column_names
+    n = batch.num_rows
+    betas = batch.column("beta").to_pylist() if "beta" in names else [None] * n
+    gaps = batch.column("gap").to_pylist() if "gap" in names else [None] * n
+    cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": [], "status": [], "beta": [], "gap": []}
+    for i, (prompt, chosen, rejected) in enumerate(zip(batch.column("prompt").to_pylist(),
+                                                       batch.column("chosen").to_pylist(),
+                                                       batch.column("rejected").to_pylist())):
+        c_ids, plen = chat_tokenize(tokenizer, prompt, chosen)
+        r_ids, _ = chat_tokenize(tokenizer, prompt, rejected)
+        c_kept, c_status = apply_length_policy(c_ids, plen, cfg)
+        r_kept, r_status = apply_length_policy(r_ids, plen, cfg)
+        statuses = {c_status, r_status}
+        status = next((s for s in ("dropped_prompt", "dropped_length", "truncated") if s in statuses), "ok")
+        dropped = status.startswith("dropped")
+        cols["chosen_ids"].append([] if dropped else c_kept)
+        cols["rejected_ids"].append([] if dropped else r_kept)
+        cols["prompt_len"].append(plen)
+        cols["status"].append(status)
+        cols["beta"].append(resolve_beta(betas[i], gaps[i], cfg))
+        cols["gap"].append(gaps[i] if gaps[i] is not None else "none")
+    table = pa.table({"chosen_ids": pa.array(cols["chosen_ids"], _LIST),
+                      "rejected_ids": pa.array(cols["rejected_ids"], _LIST),
+                      "prompt_len": pa.array(cols["prompt_len"], pa.int32()),
+                      "status": pa.array(cols["status"], pa.string()),
+                      "beta": pa.array(cols["beta"], pa.float32()),
+                      "gap": pa.array(cols["gap"], pa.string())})
+    for col in REF_COLUMNS:
+        if col in names:
+            table = table.append_column(col, batch.column(col).cast(pa.float64()))
+    return table
+
+
+class _Tokenize:
+    """Ray Data callable class: loads the tokenizer once per actor."""
+
+    def __init__(self, model_dir: str, kind: Kind, stage_cfg: dict):
+        self.tokenizer = load_tokenizer(model_dir)
+        self.kind = kind
+        self.cfg = (SFTConfig if kind == "sft" else CogPOConfig).model_validate(stage_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.kind == "sft":
+            return tokenize_sft_batch(self.tokenizer, batch, self.cfg)
+        return tokenize_pairs_batch(self.tokenizer, batch, self.cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Materialisation
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataReport:
+    kind: str
+    source: str
+    rows_in: int = 0
+    rows_kept: int = 0
+    dropped_prompt_too_long: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    truncation_policy: str = "drop"
+    max_length: int = 0
+    tokens_kept: int = 0
+    padding_fraction: float | None = None  # filled in by the trainer's plan (depends on world size and batch)
+    steps_per_epoch: int | None = None
+    per_gap_rows: dict[str, int] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def read_parquet_dataset(files: list[Path], columns: list[str] | None = None):
+    """Ray Data dataset over `files`, in file order (order matters for joining outputs back to rows)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    return ray.data.read_parquet([str(f) for f in files], columns=columns)
+
+
+def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, stage_cfg: _StageConfig,
+                     out_dir: Path, batch_size: int = 64) -> DataReport:
+    """Validate, tokenize with Ray Data, apply the length policy and write `out_dir/tokenized.arrow`."""
+    what = "sft dataset" if kind == "sft" else "pairs dataset"
+    files = list_parquet_files(data_path, what)
+    require_ref = kind == "pairs" and getattr(stage_cfg, "reference", "online") == "precomputed"
+    rows_in = validate_files(files, kind, getattr(stage_cfg, "gap_betas", None), require_ref=require_ref)
+    load_tokenizer(model_dir)  # fail here, on the driver, with the path in the message
+    names = pq.read_schema(files[0]).names
+    columns = list(SFT_COLUMNS) if kind == "sft" else (
+        list(PAIRS_COLUMNS) + [c for c in ("beta", "gap") if c in names] + (list(REF_COLUMNS) if require_ref else []))
+    ds = read_parquet_dataset(files, columns).map_batches(
+        _Tokenize, fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind,
+                                          "stage_cfg": stage_cfg.model_dump(mode="json")},
+        batch_format="pyarrow", batch_size=batch_size, concurrency=1)
+
+    report = DataReport(kind=kind, source=str(data_path), rows_in=rows_in,
+                        truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (TOKENIZED_FILE + ".tmp")
+    writer = None
+    seen = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        seen += batch.num_rows
+        status = batch.column("status")
+        report.dropped_prompt_too_long += pc.sum(pc.equal(status, "dropped_prompt")).as_py() or 0
+        report.dropped_too_long += pc.sum(pc.equal(status, "dropped_length")).as_py() or 0
+        report.truncated += pc.sum(pc.equal(status, "truncated")).as_py() or 0
+        kept = batch.filter(pc.invert(pc.starts_with(status, "dropped"))).drop_columns(["status"])
+        if kept.num_rows == 0:
+            continue
+        kept = kept.combine_chunks()
+        for col in REF_COLUMNS if require_ref else ():
+            if kept.column(col).null_count:
+                raise ValueError(f"{what} {str(data_path)!r}: column {col!r} is null in {kept.column(col).null_count}"
+                                 " rows that training keeps; recompute reference log-probs with the same "
+                                 "max_length / max_prompt_length / truncation as training")
+        if writer is None:
+            writer = pa.ipc.new_file(str(tmp), kept.schema)
+        writer.write_table(kept)
+        report.rows_kept += kept.num_rows
+        id_cols = ["input_ids"] if kind == "sft" else ["chosen_ids", "rejected_ids"]
+        report.tokens_kept += sum(int(pc.sum(pc.list_value_length(kept.column(c))).as_py()) for c in id_cols)
+        if kind == "pairs":
+            for gap, cnt in zip(*np.unique(kept.column("gap").to_numpy(zero_copy_only=False), return_counts=True)):
+                report.per_gap_rows[str(gap)] = report.per_gap_rows.get(str(gap), 0) + int(cnt)
+    if seen != rows_in:
+        raise RuntimeError(f"tokenization returned {seen} rows for {rows_in} input rows")
+    if writer is None:
+        raise ValueError(f"{what} {str(data_path)!r}: no row fits max_length={stage_cfg.max_length} / "
+                         f"max_prompt_length={stage_cfg.max_prompt_length} ({rows_in} rows in)")
+    writer.close()
+    tmp.replace(out_dir / TOKENIZED_FILE)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch plan (pure) and worker-side access
+# ----------------------------------------------------------------------------------------------------------
+
+def plan_epoch(lengths: np.ndarray, *, world_size: int, micro_batch_size: int, grad_accum: int, seed: int,
+               epoch: int, group_by_length: bool, window_steps: int) -> list[list[list[np.ndarray]]]:
+    """Row indices for every (step, accum, rank) micro-batch of one epoch: `plan[step][accum][rank]`.
+
+    Deterministic in (lengths, seed, epoch, shape). Every row appears exactly once; a step has at most
+    world_size * grad_accum * micro_batch_size rows, split as evenly as possible, so the steps per epoch are
+    ceil(rows / step_rows) regardless of grouping. With grouping, rows are shuffled, sorted by length inside
+    windows of `window_steps` steps, cut into steps and the steps of a window shuffled again; ranks at the
+    same accumulation index get neighbouring lengths, so they wait little on each other.
+    """
+    n = len(lengths)
+    step_rows = world_size * grad_accum * micro_batch_size
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    steps: list[np.ndarray] = []
+    window = window_steps * step_rows if group_by_length else n
+    for start in range(0, n, max(window, 1)):
+        win = order[start: start + window]
+        if group_by_length:
+            win = win[np.argsort(-lengths[win], kind="stable")]
+        chunks = np.array_split(win, math.ceil(len(win) / step_rows))
+        if group_by_length:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        steps.extend(chunks)
+    plan = []
+    for step in steps:
+        micro = np.array_split(step, world_size * grad_accum)
+        plan.append([[micro[a * world_size + r] for r in range(world_size)] for a in range(grad_accum)])
+    return plan
+
+
+def steps_per_epoch(n_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
+    return math.ceil(n_rows / (world_size * grad_accum * micro_batch_size))
+
+
+def padding_fraction(plan: list[list[list[np.ndarray]]], seq_lengths: np.ndarray) -> float:
+    """Share of padded positions over all micro-batches; `seq_lengths` is [rows, sequences per row]."""
+    padded = real = 0
+    for step in plan:
+        for accum in step:
+            for idx in accum:
+                if len(idx) == 0:
+                    continue
+                lens = seq_lengths[idx].reshape(-1)
+                padded += int(lens.max()) * lens.size
+                real += int(lens.sum())
+    return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+def plan_padding_fraction(seq_lengths: np.ndarray, world_size: int, stage: _StageConfig) -> float:
+    """Padding fraction of epoch 0's plan (what data_report.json shows)."""
+    plan = plan_epoch(seq_lengths.max(axis=1), world_size=world_size, micro_batch_size=stage.per_device_batch_size,
+                      grad_accum=stage.grad_accum_steps, seed=stage.seed, epoch=0,
+                      group_by_length=stage.group_by_length, window_steps=stage.length_group_window)
+    return padding_fraction(plan, seq_lengths)
+
+
+class TokenizedRows:
+    """Memory-mapped tokenized dataset (zero-copy: ranks on one node share the page cache)."""
+
+    def __init__(self, path: str | Path):
+        self._init(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "TokenizedRows":
+        rows = cls.__new__(cls)
+        rows._init(table)
+        return rows
+
+    def _init(self, table: pa.Table) -> None:
+        self.table = table
+        self.kind: Kind = "sft" if "input_ids" in self.table.column_names else "pairs"
+        self.prompt_len = self.table.column("prompt_len").to_numpy()
+        if self.kind == "sft":
+            self.seq_lengths = pc.list_value_length(self.table.column("input_ids")).to_numpy()[:, None]
+        else:
+            self.seq_lengths = np.stack([pc.list_value_length(self.table.column(c)).to_numpy()
+                                         for c in ("chosen_ids", "rejected_ids")], axis=1)
+        # Response tokens per row, for normalising the loss by the global token count without a collective.
+        self.loss_tokens = (self.seq_lengths[:, 0] - self.prompt_len).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.seq_lengths.max(axis=1)
+
+    def _ids(self, col: str, i: int) -> np.ndarray:
+        return self.table.column(col)[int(i)].values.to_numpy()
+
+    def collate(self, idx: np.ndarray, pad_id: int) -> dict:
+        """Right-padded tensors. SFT: one sequence per row; pairs: chosen rows then rejected rows."""
+        import torch
+
+        cols = ["input_ids"] if self.kind == "sft" else ["chosen_ids", "rejected_ids"]
+        seqs, plens = [], []
+        for col in cols:
+            for i in idx:
+                seqs.append(self._ids(col, i))
+                plens.append(int(self.prompt_len[i]))
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for j, (s, p) in enumerate(zip(seqs, plens)):
+            input_ids[j, : len(s)] = torch.from_numpy(s.astype(np.int64))
+            attention_mask[j, : len(s)] = 1
+            loss_mask[j, p: len(s)] = True
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        if self.kind == "pairs":
+            batch["beta"] = torch.tensor(self.table.column("beta").take(pa.array(idx, pa.int64())).to_numpy(),
+                                         dtype=torch.float32)
+            batch["gap"] = self.table.column("gap").take(pa.array(idx, pa.int64())).to_pylist()
+            for col in REF_COLUMNS:
+                if col in self.table.column_names:
+                    batch[col] = torch.tensor(
+                        self.table.column(col).take(pa.array(idx, pa.int64())).to_numpy(), dtype=torch.float32)
+        return batch

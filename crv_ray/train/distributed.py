@@ -1,0 +1,201 @@
+"""Pieces shared by the SFT and CogPO recipes (run inside Ray Train workers): model setup with FSDP2 and
+optional LoRA, optimizer and schedule, seeding, gradient clipping, and rank-0 metric logging."""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from crv_ray.train.config import FSDPConfig, LoRAConfig, _StageConfig
+from crv_ray.train.logprobs import _logit_transform, chunked_token_logps
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM under an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TokenLogps(nn.Module):
+    """Causal LM -> log-prob of each label token, projecting hidden states to the vocab in chunks.
+
+    Why a wrapper: the decoder and the chunked head run inside ONE forward, so FSDP2's root (this module) keeps
+    embeddings and lm_head unsharded for the whole computation and re-gathers them for backward.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        base = base_causal_lm(self.lm)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+        head = base.get_output_embeddings()
+        logit_scale, softcap = _logit_transform(base.config)
+        return chunked_token_logps(hidden, head.weight, labels, self.chunk_size,
+                                   lm_head_bias=getattr(head, "bias", None), logit_scale=logit_scale,
+                                   softcap=softcap)
+
+
+def load_hf_model(model_dir: str | Path, lora: LoRAConfig | None = None, seed: int = 0) -> nn.Module:
+    """Full-precision (fp32 master weights) HF model, with LoRA adapters when configured."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.config.use_cache = False
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        # Every rank must initialise the adapters identically: each keeps its shard of its own full copy.
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    names = set(getattr(base_causal_lm(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find decoder layers to shard in {type(base_causal_lm(model)).__name__} "
+                         f"(_no_split_modules={sorted(names)})")
+    return layers
+
+
+def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None, chunk_size: int,
+                seed: int, trainable: bool = True) -> TokenLogps:
+    """Load, wrap in TokenLogps and shard with FSDP2: each decoder layer, then the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    dev = device()
+    lm = load_hf_model(model_dir, lora if trainable else None, seed)
+    if not trainable:
+        lm.requires_grad_(False)
+        lm.eval()
+    if fsdp.activation_checkpointing and trainable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = TokenLogps(lm, chunk_size)
+    _, world = rank_and_world()
+    if not fsdp.enabled or world == 1:
+        return model.to(dev)
+    bf16 = fsdp.mixed_precision == "bf16" or (fsdp.mixed_precision == "auto" and dev.type == "cuda")
+    kwargs = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16 else MixedPrecisionPolicy(),
+        "offload_policy": CPUOffloadPolicy() if fsdp.cpu_offload and dev.type == "cuda" else OffloadPolicy(),
+    }
+    if dev.type == "cuda" and not fsdp.cpu_offload:
+        model.to(dev)
+    for layer in _decoder_layers(lm):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def setup_optimizer(model: nn.Module, cfg: _StageConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach=False: the foreach kernels need all tensors on one device type, which CPU offload breaks.
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                             foreach=False)
+
+
+def setup_scheduler(optimizer: torch.optim.Optimizer, cfg: _StageConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    """Global grad norm (clipping when max_norm is set). With FSDP2 the norm is a DTensor: make it full."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device() if device().type == "cuda" else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class MetricsLogger:
+    """Rank 0 writes `metrics.jsonl` (appended across resumes: take the last line per step) and TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (out_dir / "metrics.jsonl").open("a")
+        self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()

@@ -1,0 +1,241 @@
+"""SFT and CogPO losses, and the preference metrics TRL logs (pure torch).
+
+CogPO (method.md, "CogPO: preference pairs with gap-dependent beta") is DPO's sigmoid loss with one beta per pair:
+
+    h_i = (log pi(c_i) - log pi_ref(c_i)) - (log pi(r_i) - log pi_ref(r_i))
+    L   = mean_i  (1 - eps) * -log sigmoid(beta_i h_i) + eps * -log sigmoid(-beta_i h_i)
+
+eps is conservative DPO's label smoothing (cDPO). With one beta for all pairs and eps = 0 this is TRL's
+`loss_type="sigmoid"` loss exactly (tests/test_losses.py checks it against TRL's DPOTrainer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+# Same names as the pairs dataset's `gap` column and the config's per-gap betas.
+GAP_NAMES: tuple[str, ...] = ("small", "medium", "large")
+
+
+# --- SFT -------------------------------------------------------------------------------------------------------
+
+
+def sft_loss_terms(token_logps: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """(sum of response-token NLL, number of response tokens) of a micro-batch.
+
+    Under gradient accumulation or data parallelism, divide the summed NLL by the token count of the whole
+    optimizer step (all micro-batches, all ranks); averaging per-micro-batch means would weight short responses
+    more than long ones.
+    """
+    if token_logps.shape != labels.shape:
+        raise ValueError(f"token_logps shape {tuple(token_logps.shape)} must equal labels shape {tuple(labels.shape)}")
+    mask = labels != ignore_index
+    return -(token_logps * mask).sum(), mask.sum()
+
+
+def sft_loss(token_logps: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean NLL over all response tokens of the batch (token-level mean, not a mean of per-row means).
+
+    Prompt and padding positions (label == ignore_index) do not count. A batch without response tokens gives a
+    differentiable 0.
+    """
+    nll_sum, n_tokens = sft_loss_terms(token_logps, labels, ignore_index)
+    return nll_sum / n_tokens.clamp(min=1)
+
+
+# --- CogPO / DPO -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CogPOOutput:
+    """Loss and (detached) implicit rewards of a batch of B preference pairs."""
+
+    loss: Tensor  # scalar, mean of `losses`
+    losses: Tensor  # [B]
+    chosen_rewards: Tensor  # [B], beta_i * (log pi(c_i) - log pi_ref(c_i))
+    rejected_rewards: Tensor  # [B], beta_i * (log pi(r_i) - log pi_ref(r_i))
+    margins: Tensor  # [B], chosen_rewards - rejected_rewards
+
+
+def _check_beta(beta: Tensor | float, batch_size: int) -> None:
+    if isinstance(beta, Tensor):
+        if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != batch_size):
+            raise ValueError(f"beta must be a scalar or have shape [{batch_size}], got {tuple(beta.shape)}")
+        if beta.numel() and not bool((beta > 0).all()):
+            raise ValueError(f"beta must be > 0 for every pair, got min {beta.min().item()}")
+    elif not beta > 0:  # also rejects NaN
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def cogpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Tensor | float,
+    label_smoothing: float = 0.0,
+) -> CogPOOutput:
+    """CogPO loss: DPO's sigmoid loss with a per-pair beta [B] (or one float for all pairs).
+
+    All log-probs are [B] sequence sums over response tokens. Reference log-probs are treated as constants.
+    """
+    batch_size = policy_chosen_logps.shape[0] if policy_chosen_logps.dim() else -1
+    for name, logps in (
+        ("policy_chosen_logps", policy_chosen_logps),
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        if logps.dim() != 1 or logps.shape[0] != batch_size:
+            raise ValueError(f"{name} must have shape [B] = [{batch_size}], got {tuple(logps.shape)}")
+    _check_beta(beta, batch_size)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+    dtype = policy_chosen_logps.dtype
+    if isinstance(beta, Tensor):
+        beta = beta.to(device=policy_chosen_logps.device, dtype=dtype)
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps.to(dtype).detach()
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps.to(dtype).detach()
+    logits = beta * (chosen_logratios - rejected_logratios)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    chosen_rewards = (beta * chosen_logratios).detach()
+    rejected_rewards = (beta * rejected_logratios).detach()
+    return CogPOOutput(
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=chosen_rewards - rejected_rewards,
+    )
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> CogPOOutput:
+    """Plain DPO (sigmoid loss, cDPO label smoothing): CogPO with one beta for every pair."""
+    if isinstance(beta, Tensor):
+        raise ValueError("beta must be a float for dpo_loss; use cogpo_loss for per-pair betas")
+    return cogpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, float(beta), label_smoothing
+    )
+
+
+def betas_for_gaps(gaps: Sequence[str], gap_betas: Mapping[str, float], device: torch.device | str = "cpu") -> Tensor:
+    """Per-pair beta [B] from each pair's gap name, e.g. gap_betas = {"small": 1.0, "medium": 0.5, "large": 0.2}."""
+    unknown = sorted(set(gaps) - set(gap_betas))
+    if unknown:
+        raise ValueError(f"gaps {unknown} have no entry in gap_betas (known: {sorted(gap_betas)})")
+    return torch.tensor([float(gap_betas[gap]) for gap in gaps], dtype=torch.float32, device=device)
+
+
+# --- Metrics ---------------------------------------------------------------------------------------------------
+
+MetricSums = dict[str, tuple[float, float]]
+
+
+def preference_metric_sums(
+    out: CogPOOutput,
+    gaps: Sequence[str] | None,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    gap_names: Sequence[str] = GAP_NAMES,
+) -> MetricSums:
+    """TRL's preference metrics as (sum, count) per name, so micro-batches and ranks can be reduced exactly.
+
+    Names: rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}, and with `gaps` also
+    rewards/margins/{gap}, rewards/accuracies/{gap} and count/{gap} for every gap in `gap_names` (count 0 when
+    absent, so every rank reports the same keys). `finalize_metric_sums` turns them into values: sum / count, except
+    count/{gap}, which is the number of pairs of that gap.
+    """
+    batch_size = out.losses.shape[0]
+    if chosen_logps.shape != (batch_size,) or rejected_logps.shape != (batch_size,):
+        raise ValueError(
+            f"chosen_logps and rejected_logps must have shape [{batch_size}], "
+            f"got {tuple(chosen_logps.shape)} and {tuple(rejected_logps.shape)}"
+        )
+    correct = (out.chosen_rewards > out.rejected_rewards).float()
+    # Stack once so the whole dict costs one device sync.
+    per_pair = {
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/margins": out.margins,
+        "rewards/accuracies": correct,
+        "logps/chosen": chosen_logps.detach().float(),
+        "logps/rejected": rejected_logps.detach().float(),
+    }
+    names = list(per_pair)
+    sums = [values.float().sum() for values in per_pair.values()]
+    counts = [float(batch_size)] * len(names)
+    if gaps is not None:
+        if len(gaps) != batch_size:
+            raise ValueError(f"gaps must have one entry per pair ({batch_size}), got {len(gaps)}")
+        unknown = sorted(set(gaps) - set(gap_names))
+        if unknown:
+            raise ValueError(f"gaps {unknown} are not in gap_names {list(gap_names)}")
+        for gap in gap_names:
+            in_gap = [i for i, pair_gap in enumerate(gaps) if pair_gap == gap]
+            index = torch.tensor(in_gap, dtype=torch.long, device=out.margins.device)
+            names += [f"rewards/margins/{gap}", f"rewards/accuracies/{gap}", f"count/{gap}"]
+            sums += [out.margins.float()[index].sum(), correct[index].sum(), torch.tensor(float(len(in_gap)))]
+            counts += [float(len(in_gap))] * 2 + [1.0]
+    values = torch.stack([s.to(out.margins.device) for s in sums]).tolist()
+    return {name: (value, count) for name, value, count in zip(names, values, counts, strict=True)}
+
+
+def merge_metric_sums(parts: Iterable[MetricSums]) -> MetricSums:
+    """Add up (sum, count) dicts, e.g. from the micro-batches of one optimizer step."""
+    merged: dict[str, list[float]] = {}
+    for part in parts:
+        for name, (value, count) in part.items():
+            total = merged.setdefault(name, [0.0, 0.0])
+            total[0] += value
+            total[1] += count
+    return {name: (value, count) for name, (value, count) in merged.items()}
+
+
+def all_reduce_metric_sums(sums: MetricSums, device: torch.device | str = "cpu", group=None) -> MetricSums:
+    """Sum (sum, count) pairs across data-parallel ranks; every rank must hold the same names. No-op without a
+    process group. `device` must suit the backend (cuda for nccl, cpu for gloo)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(sums)
+    names = sorted(sums)
+    packed = torch.tensor([list(sums[name]) for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return {name: (value, count) for name, (value, count) in zip(names, packed.tolist(), strict=True)}
+
+
+def finalize_metric_sums(sums: MetricSums) -> dict[str, float]:
+    """Metric values from (sum, count): the mean, except count/* which is the count itself. Names with no
+    samples (a gap absent from the step) are left out rather than reported as 0 or NaN."""
+    values: dict[str, float] = {}
+    for name, (value, count) in sums.items():
+        if name.startswith("count/"):
+            values[name] = value
+        elif count > 0:
+            values[name] = value / count
+    return values
+
+
+def preference_metrics(
+    out: CogPOOutput,
+    gaps: Sequence[str] | None,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    gap_names: Sequence[str] = GAP_NAMES,
+) -> dict[str, float]:
+    """TRL-named preference metrics of one batch (see `preference_metric_sums` for the names)."""
+    return finalize_metric_sums(preference_metric_sums(out, gaps, chosen_logps, rejected_logps, gap_names))

@@ -1,0 +1,119 @@
+"""Reference log-probs: one batch-inference pass of the frozen SFT model over all pairs (Ray Data), stored as
+`ref_chosen_logp` / `ref_rejected_logp` columns beside each pair, so CogPO training holds one model.
+
+Tokenization and the length policy are the training ones (`tokenize_pairs_batch` with the CogPO config), so the
+sums cover exactly the response tokens CogPO will score. Pairs the policy drops get nulls (training drops them too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from crv_ray.train.config import CogPOConfig, TrainConfig
+from crv_ray.train.data import (REF_COLUMNS, TokenizedRows, list_parquet_files, load_tokenizer, read_parquet_dataset,
+                                tokenize_pairs_batch, validate_files)
+
+COMPLETE_MARKER = "_crv_ray_complete.json"
+
+
+class RefLogpsPredictor:
+    """Ray Data callable class: holds the reference model (CPU fp32, or GPU bf16) and its tokenizer."""
+
+    def __init__(self, model_dir: str, cogpo_cfg: dict, use_gpu: bool):
+        import torch
+
+        from crv_ray.train.distributed import TokenLogps, load_hf_model
+
+        self.cfg = CogPOConfig.model_validate(cogpo_cfg)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        lm = load_hf_model(model_dir).to(self.device, torch.bfloat16 if use_gpu else torch.float32).eval()
+        self.model = TokenLogps(lm, self.cfg.logprob_chunk_size)
+        self.pad_id = pad_token_id(self.tokenizer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from crv_ray.train.logprobs import shift_labels
+
+        tokenized = tokenize_pairs_batch(self.tokenizer, batch, self.cfg)
+        kept = np.flatnonzero(~np.char.startswith(tokenized.column("status").to_numpy(zero_copy_only=False)
+                                                  .astype(str), "dropped"))
+        chosen = np.full(batch.num_rows, np.nan)
+        rejected = np.full(batch.num_rows, np.nan)
+        if kept.size:
+            rows = TokenizedRows.from_table(tokenized.take(pa.array(kept)))
+            coll = rows.collate(np.arange(kept.size), self.pad_id)
+            with torch.no_grad():
+                ids = coll["input_ids"].to(self.device)
+                labels = shift_labels(ids, coll["loss_mask"].to(self.device))
+                seq = self.model(ids, coll["attention_mask"].to(self.device), labels).sum(-1).double().cpu().numpy()
+            chosen[kept], rejected[kept] = seq[: kept.size], seq[kept.size:]
+        out = batch.drop_columns([c for c in REF_COLUMNS if c in batch.column_names])
+        mask = np.isnan(chosen)
+        out = out.append_column(REF_COLUMNS[0], pa.array(chosen, pa.float64(), mask=mask))
+        return out.append_column(REF_COLUMNS[1], pa.array(rejected, pa.float64(), mask=mask))
+
+
+def pad_token_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _fingerprint(model_dir: Path, pairs_path: Path, cfg: CogPOConfig) -> str:
+    payload = {"model_dir": str(model_dir), "pairs": str(pairs_path),
+               "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in list_parquet_files(pairs_path)],
+               "length": cfg.model_dump(mode="json", include={"max_length", "max_prompt_length", "truncation"})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_complete(out_path: Path, fingerprint: str | None = None) -> bool:
+    marker = Path(out_path) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    return fingerprint is None or json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: str | Path,
+                      cfg: TrainConfig) -> Path:
+    """Write the pairs plus `ref_chosen_logp`, `ref_rejected_logp` as a Parquet directory at `out_path`.
+
+    Skipped when `out_path` holds a complete result for the same model, input files and length settings.
+    Ray must be initialised by the caller (or is started with defaults by Ray Data).
+    """
+    model_dir, pairs_path, out_path = Path(model_dir).resolve(), Path(pairs_path).resolve(), Path(out_path).resolve()
+    load_tokenizer(model_dir)  # names a bad model path before any Ray work
+    files = list_parquet_files(pairs_path, "pairs dataset")
+    rows_in = validate_files(files, "pairs", cfg.cogpo.gap_betas)
+    fingerprint = _fingerprint(model_dir, pairs_path, cfg.cogpo)
+    if is_complete(out_path, fingerprint):
+        return out_path
+    use_gpu = cfg.scaling.use_gpu
+    ds = read_parquet_dataset(files).map_batches(
+        RefLogpsPredictor,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "cogpo_cfg": cfg.cogpo.model_dump(mode="json"),
+                               "use_gpu": use_gpu},
+        batch_format="pyarrow", batch_size=cfg.ref_batch_size, concurrency=cfg.ref_num_actors,
+        **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    rows_out = sum(pq.ParquetFile(f).metadata.num_rows for f in list_parquet_files(tmp))
+    if rows_out != rows_in:
+        raise RuntimeError(f"reference log-probs: wrote {rows_out} rows for {rows_in} input pairs")
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows_out,
+                                                   "model_dir": str(model_dir), "pairs": str(pairs_path)}))
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,184 @@
+"""Training data: chat-template masking, validation errors, length policy, batch plan; config validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from crv_ray.models.builtin import resolve_model
+from crv_ray.train.config import CogPOConfig, SFTConfig, TrainConfig, stage_hash
+from crv_ray.train.data import (TokenizedRows, chat_tokenize, list_parquet_files, load_tokenizer, padding_fraction,
+                                plan_epoch, resolve_beta, tokenize_to_file, validate_files)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return resolve_model("builtin:tiny", cache_dir=tmp_path_factory.getbasetemp() / "cache")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def ray_started():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _write(path, **cols):
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+# --- config ------------------------------------------------------------------------------------------------
+
+def test_config_defaults_and_typos():
+    cfg = TrainConfig()
+    assert (cfg.sft.epochs, cfg.sft.lr, cfg.cogpo.epochs, cfg.cogpo.lr) == (3, 2e-5, 1, 1e-6)
+    assert cfg.cogpo.gap_betas == {"small": 1.0, "medium": 0.5, "large": 0.2}
+    assert cfg.sft.max_length == 8192 and cfg.sft.truncation == "drop"
+    with pytest.raises(ValidationError, match="lerning_rate"):
+        TrainConfig.model_validate({"sft": {"lerning_rate": 1.0}})
+    with pytest.raises(ValidationError, match="max_prompt_length"):
+        SFTConfig(max_length=100, max_prompt_length=100)
+    with pytest.raises(ValidationError, match="gap_betas"):
+        CogPOConfig(gap_betas={"small": 0.0})
+
+
+def test_stage_hash_ignores_stop_after_steps():
+    a = TrainConfig()
+    b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3}})
+    c = TrainConfig.model_validate({"sft": {"lr": 1e-4}})
+    assert stage_hash(a, "sft", data="x") == stage_hash(b, "sft", data="x")
+    assert stage_hash(a, "sft", data="x") != stage_hash(c, "sft", data="x")
+    assert stage_hash(a, "sft", data="x") != stage_hash(a, "sft", data="y")
+
+
+# --- tokenization ------------------------------------------------------------------------------------------
+
+def test_chat_template_mask_covers_response_only(tokenizer):
+    ids, prompt_len = chat_tokenize(tokenizer, "What is 2 + 3?", "The answer is 5.")
+    assert tokenizer.decode(ids[:prompt_len]) == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(ids[prompt_len:]) == "The answer is 5.<|im_end|>\n"
+    rows = TokenizedRows.from_table(pa.table({"input_ids": pa.array([ids], pa.list_(pa.int32())),
+                                              "prompt_len": pa.array([prompt_len], pa.int32())}))
+    batch = rows.collate(np.array([0]), pad_id=0)
+    mask = batch["loss_mask"][0]
+    assert mask[:prompt_len].sum() == 0 and bool(mask[prompt_len:].all())
+    assert rows.loss_tokens[0] == len(ids) - prompt_len
+
+
+def test_resolve_beta():
+    cfg = CogPOConfig(default_beta=0.7)
+    assert resolve_beta(0.3, "small", cfg) == 0.3
+    assert resolve_beta(None, "small", cfg) == 1.0
+    assert resolve_beta(float("nan"), "large", cfg) == 0.2
+    assert resolve_beta(None, None, cfg) == 0.7
+
+
+# --- validation errors -------------------------------------------------------------------------------------
+
+def test_missing_column_names_file_and_column(tmp_path):
+    f = _write(tmp_path / "a.parquet", prompt=["p"], answer=["r"])
+    with pytest.raises(ValueError, match=r"a\.parquet.*missing column.*'response'"):
+        validate_files([f], "sft")
+
+
+def test_empty_response_names_row(tmp_path):
+    f = _write(tmp_path / "a.parquet", prompt=["p", "q", "r"], response=["ok", "  ", "fine"])
+    with pytest.raises(ValueError, match=r"a\.parquet: column 'response' is empty or null in row 1"):
+        validate_files([f], "sft")
+    g = _write(tmp_path / "b.parquet", prompt=["p"], chosen=[None], rejected=["x"])
+    with pytest.raises(ValueError, match=r"b\.parquet: column 'chosen'.*row 0"):
+        validate_files([g], "pairs")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_bad_beta_names_row(tmp_path, bad):
+    f = _write(tmp_path / "p.parquet", prompt=["p", "q"], chosen=["a", "b"], rejected=["c", "d"], beta=[0.5, bad])
+    with pytest.raises(ValueError, match=r"p\.parquet: column 'beta' must be > 0.*row 1"):
+        validate_files([f], "pairs")
+
+
+def test_unknown_gap_without_beta(tmp_path):
+    f = _write(tmp_path / "p.parquet", prompt=["p"], chosen=["a"], rejected=["c"], gap=["huge"])
+    with pytest.raises(ValueError, match="unknown gap 'huge'"):
+        validate_files([f], "pairs", CogPOConfig().gap_betas)
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_parquet_files(tmp_path / "nope.parquet")
+    with pytest.raises(ValueError, match="no .parquet files"):
+        list_parquet_files(tmp_path)
+    with pytest.raises(ValueError, match="student model path .*no-model"):
+        load_tokenizer(tmp_path / "no-model")
+
+
+def test_directory_of_parquet_files(tmp_path):
+    d = tmp_path / "sft"
+    d.mkdir()
+    _write(d / "part-1.parquet", prompt=["p"], response=["r"])
+    _write(d / "part-0.parquet", prompt=["p", "q"], response=["r", "s"])
+    assert [f.name for f in list_parquet_files(d)] == ["part-0.parquet", "part-1.parquet"]
+    assert validate_files(list_parquet_files(d), "sft") == 3
+
+
+# --- length policy (Ray Data) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["drop", "truncate_response"])
+def test_length_policy_counts(tmp_path, tiny_model, tokenizer, ray_started, policy):
+    prompts = ["What is 1 + 1?", "What is 2 + 2?", "Long question " + "apples " * 40, "What is 3 + 3?"]
+    responses = ["2", "The answer is 4 because " + "we add the apples " * 20, "x", "6"]
+    f = _write(tmp_path / "sft.parquet", prompt=prompts, response=responses)
+    cfg = SFTConfig(max_length=48, max_prompt_length=32, truncation=policy)
+    report = tokenize_to_file("sft", f, tiny_model, cfg, tmp_path / "out")
+    assert report.rows_in == 4 and report.dropped_prompt_too_long == 1
+    rows = TokenizedRows(tmp_path / "out" / "tokenized.arrow")
+    if policy == "drop":
+        assert (report.dropped_too_long, report.truncated, report.rows_kept) == (1, 0, 2)
+    else:
+        assert (report.dropped_too_long, report.truncated, report.rows_kept) == (0, 1, 3)
+        assert rows.lengths.max() == 48
+    assert len(rows) == report.rows_kept
+    assert report.tokens_kept == int(rows.seq_lengths.sum())
+
+
+# --- batch plan --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", [True, False])
+def test_plan_covers_every_row_once_and_is_deterministic(group):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=101)
+    kw = dict(world_size=2, micro_batch_size=3, grad_accum=2, seed=7, group_by_length=group, window_steps=4)
+    plan = plan_epoch(lengths, epoch=0, **kw)
+    assert len(plan) == math.ceil(101 / 12)
+    assert all(len(step) == 2 and all(len(acc) == 2 for acc in step) for step in plan)
+    rows = np.concatenate([idx for step in plan for acc in step for idx in acc])
+    assert sorted(rows.tolist()) == list(range(101))
+    assert all(len(idx) <= 3 for step in plan for acc in step for idx in acc)
+    again = plan_epoch(lengths, epoch=0, **kw)
+    assert all(np.array_equal(a, b) for s1, s2 in zip(plan, again) for x, y in zip(s1, s2) for a, b in zip(x, y))
+    other = plan_epoch(lengths, epoch=1, **kw)
+    assert not np.array_equal(plan[0][0][0], other[0][0][0])
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(1).integers(10, 2000, size=400)
+    kw = dict(world_size=2, micro_batch_size=4, grad_accum=1, seed=0, epoch=0, window_steps=16)
+    grouped = padding_fraction(plan_epoch(lengths, group_by_length=True, **kw), lengths[:, None])
+    random_ = padding_fraction(plan_epoch(lengths, group_by_length=False, **kw), lengths[:, None])
+    assert grouped < 0.1 < random_
