@@ -173,22 +173,19 @@ class NegativesConfig(_Strict):
         return v
 
 
-class PairsConfig(_Strict):
-    betas: dict[Literal["small", "medium", "large"], float] = Field(
-        default_factory=lambda: {"small": 1.0, "medium": 0.5, "large": 0.2},
-        description="CogPO beta per gap (project defaults; the paper's values are unknown).",
-    )
-    gaps: list[Literal["small", "medium", "large"]] = Field(default_factory=lambda: ["small", "medium", "large"])
+class GapBetas(_Strict):
+    """CogPO beta per gap (project defaults; the paper's values are unknown). Larger = closer to the reference."""
 
-    @model_validator(mode="after")
-    def _betas(self) -> "PairsConfig":
-        for gap in self.gaps:
-            if gap not in self.betas:
-                raise ValueError(f"betas has no value for gap {gap!r}")
-            b = self.betas[gap]
-            if not (b > 0 and b < float("inf")):
-                raise ValueError(f"betas.{gap} must be a positive finite number, got {b}")
-        return self
+    small: float = Field(1.0, gt=0, allow_inf_nan=False, description="Aligned vs misaligned-but-correct original.")
+    medium: float = Field(0.5, gt=0, allow_inf_nan=False, description="Correct original vs incorrect CoT.")
+    large: float = Field(0.2, gt=0, allow_inf_nan=False, description="Aligned vs incorrect CoT.")
+
+
+class PairsConfig(_Strict):
+    betas: GapBetas = Field(default_factory=GapBetas)
+    gaps: list[Literal["small", "medium", "large"]] = Field(
+        default_factory=lambda: ["small", "medium", "large"], description="Pair types to build."
+    )
 
 
 # ---------------------------------------------------------------- input

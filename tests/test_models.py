@@ -71,6 +71,23 @@ def test_tiny_build_is_deterministic_and_cached(tmp_path, tiny_model_dir, caplog
     assert [p.name for p in a.parent.iterdir()] == [a.name]
 
 
+def test_losing_a_build_race_uses_the_winners_copy(tmp_path, monkeypatch):
+    from crv_ray.models import builtin
+
+    final = tmp_path / "models" / f"tiny-v{builtin._RECIPE_VERSION['tiny']}"
+
+    def build_while_another_process_wins(out: Path) -> None:
+        (out / "config.json").write_text("{\"mine\": true}")
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{\"winner\": true}")
+        (final / "extra").write_text("non-empty, so os.replace cannot overwrite it")
+
+    monkeypatch.setitem(builtin._BUILDERS, "tiny", build_while_another_process_wins)
+    assert resolve_model("builtin:tiny", cache_dir=tmp_path) == final
+    assert json.loads((final / "config.json").read_text()) == {"winner": True}
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # the loser's temp dir is gone
+
+
 def test_cache_dir_from_env(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("CRV_RAY_CACHE", str(tmp_path))
     path = resolve_model("builtin:tiny")

@@ -58,4 +58,4 @@ def stage_resources(cfg: RunConfig, spec: "StageSpec") -> dict[str, float]:
         return {"CPU": engine.replicas * (engine.cpus_per_replica + 3), "GPU": engine.replicas * gpus_per}
     if isinstance(engine, OpenAIEngineConfig):
         return {"CPU": float(engine.concurrency), "GPU": 0.0}
-    return {"CPU": 1.0, "GPU": 0.0}
+    return {"CPU": 0.0, "GPU": 0.0}  # scripted: plain map tasks, nothing held

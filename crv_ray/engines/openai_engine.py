@@ -134,6 +134,9 @@ class OpenAIChatUDF:
         skip = batch.column(self.skip_col).to_pylist() if self.skip_col and self.skip_col in names else [False] * n
         payloads = [None if skip[i] else self._payload(messages[i], sampling[i]) for i in range(n)]
         results: list[_Result] = asyncio.run(self._send_all(payloads)) if n else []
+        failed = [r.error for r in results if r.error]
+        if failed:
+            logger.warning("%d of %d requests to %s failed; first error: %s", len(failed), n, self.cfg.base_url, failed[0])
 
         for field, name in self.out_cols.items():
             values = [getattr(r, field) for r in results]

@@ -96,7 +96,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
         order = [_SOURCE_NAMES[s] for s in cfg.negatives.sources]
         negative, negative_source = choose_negative(candidates, order)
         pairs = build_pairs(base["problem_id"], base["prompt"], base["cot"], bool(base.get("orig_correct")),
-                            base.get("label"), aligned, aligned_source, negative, betas=cfg.pairs.betas,
+                            base.get("label"), aligned, aligned_source, negative, betas=cfg.pairs.betas.model_dump(),
                             gaps=cfg.pairs.gaps)
         for p in pairs:
             p["rejected_source"] = "original" if p["gap"] == "small" else negative_source

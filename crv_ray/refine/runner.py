@@ -49,7 +49,7 @@ def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
     # Engine pools reserve logical CPUs for tokenizer/detokenizer actors that mostly sleep: oversubscribing a
     # small machine is what lets them all start (with 2 logical CPUs the pipeline waits forever).
     cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
-    ray.init(num_cpus=cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
+    ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
              dashboard_host=cfg.ray.dashboard_host, log_to_driver=False)
 
 

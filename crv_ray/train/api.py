@@ -45,7 +45,7 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     if tokenized.is_file() and report_path.is_file():
         shutil.copyfile(report_path, out_dir / "data_report.json")
         return tokenized
-    report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, data_dir)
+    report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, data_dir, num_actors=cfg.tokenize_num_actors)
     rows = TokenizedRows(tokenized)
     world = cfg.scaling.num_workers
     report.padding_fraction = plan_padding_fraction(rows.seq_lengths, world, stage_cfg)

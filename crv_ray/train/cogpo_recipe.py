@@ -31,13 +31,13 @@ class CogPORecipe:
         self.out_dir = Path(run["out_dir"])
         self.rank, self.world = rank_and_world()
         self.device = device()
-        # Same names on every rank (the metric all-reduce needs them); "none" = pairs without a gap column.
-        self.gap_names = tuple(self.stage.gap_betas) + ("none",)
 
     def setup(self) -> None:
         stage = self.stage
         seed_all(stage.seed)
         self.rows = TokenizedRows(self.run["data_file"])
+        # Same names on every rank (the metric all-reduce needs them); "none" = pairs without a gap.
+        self.gap_names = tuple(sorted(set(self.rows.table.column("gap").to_pylist())))
         self.steps_per_epoch = steps_per_epoch(len(self.rows), self.world, stage.per_device_batch_size,
                                                stage.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * stage.epochs
@@ -120,7 +120,8 @@ class CogPORecipe:
             if self.global_step % stage.log_every_steps == 0 or self.global_step == self.total_steps:
                 elapsed = time.perf_counter() - t_last
                 pref = merge_metric_sums(window_metrics) if window_metrics else {}
-                pref = finalize_metric_sums(all_reduce_metric_sums(self._complete(pref)))
+                pref = finalize_metric_sums(all_reduce_metric_sums(
+                    self._complete(pref), device=self.device if self.device.type == "cuda" else "cpu"))
                 metrics = {"loss": step_sums[0] / max(global_pairs, 1), "lr": lr, "grad_norm": grad_norm,
                            "epoch": epoch, "tokens_per_s": window[0] / max(elapsed, 1e-9),
                            "padding_fraction": 1 - window[0] / max(window[1], 1), "peak_memory_mb": peak_memory_mb(),

@@ -114,6 +114,7 @@ class TrainConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options.")
     lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (merged at export); null = full.")
+    tokenize_num_actors: int = Field(1, ge=1, description="Max Ray Data actors tokenizing the datasets.")
     ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
     ref_num_actors: int = Field(1, ge=1, description="Ray Data actors holding a reference model copy.")
 

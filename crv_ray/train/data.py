@@ -52,7 +52,9 @@ def list_parquet_files(path: str | Path, what: str = "dataset") -> list[Path]:
 
 def _check_text_column(table: pa.Table, col: str, file: Path, offset: int) -> None:
     values = table.column(col)
-    bad = pc.or_(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+    if pa.types.is_null(values.type):
+        values = values.cast(pa.string())
+    bad = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
     idx = np.flatnonzero(np.asarray(bad.to_numpy(zero_copy_only=False), dtype=bool))
     if idx.size:
         raise ValueError(f"{file}: column {col!r} is empty or null in row {int(idx[0]) + offset} "
@@ -254,8 +256,10 @@ def read_parquet_dataset(files: list[Path], columns: list[str] | None = None):
 
 
 def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, stage_cfg: _StageConfig,
-                     out_dir: Path, batch_size: int = 64) -> DataReport:
+                     out_dir: Path, batch_size: int = 64, num_actors: int = 1) -> DataReport:
     """Validate, tokenize with Ray Data, apply the length policy and write `out_dir/tokenized.arrow`."""
+    import ray.data
+
     what = "sft dataset" if kind == "sft" else "pairs dataset"
     files = list_parquet_files(data_path, what)
     require_ref = kind == "pairs" and getattr(stage_cfg, "reference", "online") == "precomputed"
@@ -267,7 +271,8 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
     ds = read_parquet_dataset(files, columns).map_batches(
         _Tokenize, fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind,
                                           "stage_cfg": stage_cfg.model_dump(mode="json")},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=1)
+        batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
 
     report = DataReport(kind=kind, source=str(data_path), rows_in=rows_in,
                         truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length)

@@ -117,8 +117,7 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     if fsdp.activation_checkpointing and trainable:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = TokenLogps(lm, chunk_size)
-    _, world = rank_and_world()
-    if not fsdp.enabled or world == 1:
+    if not fsdp.enabled or not dist.is_initialized():
         return model.to(dev)
     bf16 = fsdp.mixed_precision == "bf16" or (fsdp.mixed_precision == "auto" and dev.type == "cuda")
     kwargs = {
@@ -126,11 +125,18 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
         if bf16 else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy() if fsdp.cpu_offload and dev.type == "cuda" else OffloadPolicy(),
     }
-    if dev.type == "cuda" and not fsdp.cpu_offload:
-        model.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        if not fsdp.cpu_offload:
+            model.to(dev)
     for layer in _decoder_layers(lm):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if dev.type == "cuda" and fsdp.cpu_offload:
+        # FSDP2 moves only parameters; buffers (e.g. rotary inv_freq) must sit where the compute runs.
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                module._buffers[name] = buf.to(dev)
     return model
 
 

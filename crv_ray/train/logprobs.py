@@ -151,7 +151,7 @@ def chunked_token_logps(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal hidden shape without its last dim {tuple(hidden.shape[:-1])}"
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
         )
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(

@@ -98,12 +98,14 @@ def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: s
     fingerprint = _fingerprint(model_dir, pairs_path, cfg.cogpo)
     if is_complete(out_path, fingerprint):
         return out_path
+    import ray.data
+
     use_gpu = cfg.scaling.use_gpu
     ds = read_parquet_dataset(files).map_batches(
         RefLogpsPredictor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "cogpo_cfg": cfg.cogpo.model_dump(mode="json"),
                                "use_gpu": use_gpu},
-        batch_format="pyarrow", batch_size=cfg.ref_batch_size, concurrency=cfg.ref_num_actors,
+        batch_format="pyarrow", batch_size=cfg.ref_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
     tmp = out_path.with_name(out_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
