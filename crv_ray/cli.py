@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"crv-ray: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # RefineError, RefineStalled, training failures: a clean message, no traceback
+        if args.verbose:
+            raise
+        print(f"crv-ray: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

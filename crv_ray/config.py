@@ -237,7 +237,10 @@ class RefineConfig(_Strict):
         description="streaming: all role pools at once; staged: one role at a time, each stage on disk before the next.",
     )
     shard_size: int = Field(64, ge=1, description="Problems per shard (the unit of commit and resume).")
-    watchdog_s: float = Field(900.0, gt=0, description="Fail if no row finishes for this long (hangs become errors).")
+    watchdog_s: float = Field(900.0, gt=0, description="Fail if no row finishes for this long once rows flow (hangs become errors).")
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="Fail if the first row has not finished by then (pools start, models load)."
+    )
     on_config_change: Literal["error", "restart", "continue"] = Field(
         "error", description="What to do when refine outputs exist from a different config."
     )
@@ -289,7 +292,7 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json")
         for key in ("ray", "train", "run_dir"):
             d.pop(key, None)
-        for key in ("watchdog_s", "max_shards_per_run", "on_config_change"):
+        for key in ("watchdog_s", "startup_timeout_s", "max_shards_per_run", "on_config_change"):
             d["refine"].pop(key, None)
         return _hash(d)
 

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from crv_ray.models.builtin import resolve_model
 from crv_ray.train.config import CogPOConfig, SFTConfig, TrainConfig, stage_hash
-from crv_ray.train.data import (TokenizedRows, chat_tokenize, list_parquet_files, load_tokenizer, padding_fraction,
-                                plan_epoch, resolve_beta, tokenize_to_file, validate_files)
+from crv_ray.train.batching import TokenizedRows, padding_fraction, plan_epoch
+from crv_ray.train.data import (chat_tokenize, list_parquet_files, load_tokenizer, resolve_beta, tokenize_to_file,
+                                validate_files)
 
 
 @pytest.fixture(scope="module")
@@ -139,21 +140,32 @@ def test_directory_of_parquet_files(tmp_path):
 
 # --- length policy (Ray Data) ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", ["drop", "truncate_response"])
-def test_length_policy_counts(tmp_path, tiny_model, tokenizer, ray_started, policy):
-    prompts = ["What is 1 + 1?", "What is 2 + 2?", "Long question " + "apples " * 40, "What is 3 + 3?"]
-    responses = ["2", "The answer is 4 because " + "we add the apples " * 20, "x", "6"]
-    f = _write(tmp_path / "sft.parquet", prompt=prompts, response=responses)
+_PROMPTS = ["What is 1 + 1?", "What is 2 + 2?", "Long question " + "apples " * 40, "What is 3 + 3?"]
+_RESPONSES = ["2", "The answer is 4 because " + "we add the apples " * 20, "x", "6"]
+
+
+@pytest.mark.parametrize("policy, statuses", [
+    ("drop", ["ok", "dropped_length", "dropped_prompt", "ok"]),
+    ("truncate_response", ["ok", "truncated", "dropped_prompt", "ok"]),
+])
+def test_length_policy(tokenizer, policy, statuses):
+    from crv_ray.train.data import tokenize_sft_batch
+
     cfg = SFTConfig(max_length=48, max_prompt_length=32, truncation=policy)
+    out = tokenize_sft_batch(tokenizer, pa.table({"prompt": _PROMPTS, "response": _RESPONSES}), cfg)
+    assert out.column("status").to_pylist() == statuses
+    lengths = [len(x) for x in out.column("input_ids").to_pylist()]
+    assert lengths[1] == (48 if policy == "truncate_response" else 0) and lengths[2] == 0
+
+
+def test_tokenize_to_file_counts(tmp_path, tiny_model, ray_started):
+    f = _write(tmp_path / "sft.parquet", prompt=_PROMPTS, response=_RESPONSES)
+    cfg = SFTConfig(max_length=48, max_prompt_length=32, truncation="truncate_response")
     report = tokenize_to_file("sft", f, tiny_model, cfg, tmp_path / "out")
     assert report.rows_in == 4 and report.dropped_prompt_too_long == 1
+    assert (report.dropped_too_long, report.truncated, report.rows_kept) == (0, 1, 3)
     rows = TokenizedRows(tmp_path / "out" / "tokenized.arrow")
-    if policy == "drop":
-        assert (report.dropped_too_long, report.truncated, report.rows_kept) == (1, 0, 2)
-    else:
-        assert (report.dropped_too_long, report.truncated, report.rows_kept) == (0, 1, 3)
-        assert rows.lengths.max() == 48
-    assert len(rows) == report.rows_kept
+    assert len(rows) == 3 and rows.lengths.max() == 48
     assert report.tokens_kept == int(rows.seq_lengths.sum())
 
 
@@ -182,3 +194,15 @@ def test_length_grouping_reduces_padding():
     grouped = padding_fraction(plan_epoch(lengths, group_by_length=True, **kw), lengths[:, None])
     random_ = padding_fraction(plan_epoch(lengths, group_by_length=False, **kw), lengths[:, None])
     assert grouped < 0.1 < random_
+
+
+def test_stage_entry_points_name_bad_paths(tmp_path, tiny_model):
+    from crv_ray.train.api import run_cogpo, run_sft
+
+    with pytest.raises(ValueError, match="student model path .*no-model"):
+        run_sft(TrainConfig(), tmp_path / "no-model", tmp_path / "sft.parquet", tmp_path / "out")
+    with pytest.raises(ValueError, match="sft dataset path .*missing-sft.parquet.* does not exist"):
+        run_sft(TrainConfig(), tiny_model, tmp_path / "missing-sft.parquet", tmp_path / "out")
+    f = _write(tmp_path / "pairs.parquet", prompt=["p"], chosen=["a"], rejected=["b"])
+    with pytest.raises(ValueError, match=r"pairs\.parquet.*missing column.*ref_chosen_logp"):
+        run_cogpo(TrainConfig(), tiny_model, f, tmp_path / "out")

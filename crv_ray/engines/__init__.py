@@ -47,6 +47,22 @@ def build_engine_transform(cfg: RunConfig, spec: "StageSpec", keep: list[str]) -
     raise ValueError(f"engine {name!r}: unknown kind")
 
 
+def prompt_token_counter(cfg: RunConfig, engine_name: str) -> tuple[Callable[[list[dict]], int], int] | None:
+    """(count chat-prompt tokens, max_model_len) for engines whose tokenizer is at hand; else None."""
+    engine = cfg.engines.get(engine_name)
+    if not isinstance(engine, VLLMEngineConfig):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved_model_path(engine.model), trust_remote_code=engine.trust_remote_code)
+
+    def count(messages: list[dict]) -> int:
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    return count, engine.max_model_len
+
+
 def stage_resources(cfg: RunConfig, spec: "StageSpec") -> dict[str, float]:
     """Logical resources one stage's pool holds while it runs."""
     engine = cfg.engines[spec.engine]
@@ -57,5 +73,5 @@ def stage_resources(cfg: RunConfig, spec: "StageSpec") -> dict[str, float]:
         # chat-template, tokenize and detokenize actors take a CPU each beside every engine replica.
         return {"CPU": engine.replicas * (engine.cpus_per_replica + 3), "GPU": engine.replicas * gpus_per}
     if isinstance(engine, OpenAIEngineConfig):
-        return {"CPU": float(engine.concurrency), "GPU": 0.0}
+        return {"CPU": 0.25 * engine.concurrency, "GPU": 0.0}  # request actors mostly wait on the network
     return {"CPU": 0.0, "GPU": 0.0}  # scripted: plain map tasks, nothing held

@@ -44,9 +44,8 @@ def engine_kwargs(cfg: VLLMEngineConfig) -> dict[str, Any]:
 
 
 def sampling_dict(sampling: Sampling, choice: list[str] | None) -> dict[str, Any]:
-    d: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
-    if sampling.seed is not None:
-        d["seed"] = sampling.seed
+    d: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_tokens": sampling.max_tokens, "seed": sampling.seed}
     if choice:
         d["structured_outputs"] = {"choice": list(choice)}
     return d
@@ -77,7 +76,7 @@ def build_vllm_transform(cfg: VLLMEngineConfig, model_path: str, sampling: Sampl
     def preprocess(row: dict) -> dict:
         # Every row must carry the same sampling keys: Arrow fills a missing key with null, which vLLM rejects.
         params = dict(base)
-        params["seed"] = int(row[SEED]) if row.get(SEED) is not None else base.get("seed")
+        params["seed"] = int(row[SEED]) if row.get(SEED) is not None else base["seed"]
         if row[SKIP]:
             params.update(max_tokens=1, temperature=0.0)
             return {"messages": _NOOP_MESSAGES, "sampling_params": params}

@@ -97,8 +97,9 @@ def _prepare_fn(spec: StageSpec) -> Callable[[dict], dict]:
         msgs = spec.prepare(row) if spec.prepare else None
         row[MESSAGES] = json.dumps(msgs) if msgs is not None else None
         row[SKIP] = msgs is None
-        idx = row.get("sample_index")
-        row[SEED] = base_seed + int(idx) if per_sample_seed and idx is not None else None
+        # Seeds must be all ints or all None within a stage: Arrow turns an int column with nulls into floats,
+        # which vLLM rejects (and its engine then hangs).
+        row[SEED] = base_seed + int(row.get("sample_index") or 0) if per_sample_seed else None
         return row
 
     return prepare
@@ -121,7 +122,8 @@ def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
     if spec.fanout is not None:
         ds = ds.flat_map(spec.fanout)
     if spec.engine is None:
-        return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)) if spec.apply else row)
+        cls = spec.extra["callable_class"]
+        return ds.map(cls, fn_constructor_args=(cfg,), concurrency=1)
     ds = ds.map(_prepare_fn(spec))
     ds = build_engine_transform(cfg, spec, keep=columns + [SKIP])(ds)
     return ds.map(_apply_fn(spec, columns))
@@ -150,8 +152,11 @@ class ShardCollector:
         return sorted(s for s in self.expected if self.finished.get(s, 0) < self.expected[s])
 
 
-def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str):
-    """Yield from `batches`, raising RefineStalled if nothing arrives for `timeout_s` (ray.data.llm can hang silently)."""
+def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_timeout_s: float | None = None):
+    """Yield from `batches`, raising RefineStalled if nothing arrives for `timeout_s` (ray.data.llm can hang silently).
+
+    The first item may take `first_timeout_s`: a streaming pipeline yields nothing until every pool has started.
+    """
     q: queue.Queue = queue.Queue(maxsize=4)
     done = object()
 
@@ -164,14 +169,18 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str):
             q.put(e)
 
     threading.Thread(target=pump, daemon=True, name="refine-pump").start()
+    first = True
     while True:
+        wait = first_timeout_s if first and first_timeout_s else timeout_s
         try:
-            item = q.get(timeout=timeout_s)
+            item = q.get(timeout=wait)
         except queue.Empty:
+            knob = "refine.startup_timeout_s" if first and first_timeout_s else "refine.watchdog_s"
             raise RefineStalled(
-                f"{what}: no row finished for {timeout_s:.0f} s (refine.watchdog_s). A pool may be waiting for "
+                f"{what}: no row finished for {wait:.0f} s ({knob}). A pool may be waiting for "
                 "resources it cannot get (see `ray status`), or an engine hung."
             ) from None
+        first = False
         if item is done:
             return
         if isinstance(item, BaseException):
@@ -181,7 +190,7 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str):
 
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
     for batch in iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
-                                       cfg.refine.watchdog_s, what):
+                                       cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s):
         for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
             collector.add(row)
     missing = collector.incomplete()
@@ -197,7 +206,7 @@ def _read(files: list[Path], schema: pa.Schema):
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
-                  commit: Callable[[int, dict], None]) -> None:
+                  commit: Callable[[int, dict], None]) -> dict[str, float]:
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     ds = _read([store.input_file(s["shard"]) for s in shards], schema)
@@ -205,15 +214,18 @@ def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], s
         ds = apply_stage(ds, cfg, spec, columns)
     collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit)
     run_dataset(ds, collector, cfg, "refine (streaming)", columns)
+    return {}  # stages overlap in streaming mode: only the run's total wall time is meaningful
 
 
 def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
-               commit: Callable[[int, dict], None]) -> None:
+               commit: Callable[[int, dict], None]) -> dict[str, float]:
     """One stage at a time over all pending shards; each stage's output lands on disk before the next starts."""
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
+    walls: dict[str, float] = {}
     for i, spec in enumerate(stages):
+        t0 = time.time()
         stage_dir = f"{i:02d}-{spec.name}"
         todo = [s for s in shards if not store.stage_file(stage_dir, s["shard"]).exists()]
         if todo:
@@ -227,6 +239,7 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
             run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write), cfg,
                         f"refine stage {spec.name}", columns)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
+        walls[spec.name] = round(time.time() - t0, 3)
     # Commit from the last stage's files.
     import pyarrow.parquet as pq
 
@@ -235,6 +248,7 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
         for row in pq.read_table(prev[s["shard"]]).to_pylist():
             by_problem[row["problem_id"]].append(row)
         commit(s["shard"], by_problem)
+    return walls
 
 
 # ------------------------------------------------------------------ resources

@@ -58,13 +58,52 @@ def _fail(row: dict, stage: str, reason: str) -> dict:
     return row
 
 
-# ------------------------------------------------------------------ original CoT check (CPU)
+# ------------------------------------------------------------------ original CoT check + context fit (CPU)
 def check_original(row: dict) -> dict:
     if not alive(row):
         return row
     res = check_answer(row["cot"], row["answer"])
     row["orig_pred"], row["orig_correct"], row["orig_check"] = res.predicted, res.correct, res.method
     return row
+
+
+class OriginalCheck:
+    """Answer-checks the original CoT and quarantines rows whose prompts cannot fit an engine's context.
+
+    A callable class so each Ray worker loads the engines' tokenizers once. Engines without a known context
+    length or tokenizer (scripted, openai without max_model_len) are not checked here; their errors land per row.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        from crv_ray.engines import prompt_token_counter
+
+        self.cfg = cfg
+        self.checks = []
+        for role, rc, template in (("critic", cfg.roles.critic, "critic"), ("rethinker", cfg.roles.rethinker, None)):
+            counter = prompt_token_counter(cfg, rc.engine)
+            if counter is not None:
+                self.checks.append((role, rc, template, *counter))
+
+    def _messages(self, role: str, template: str | None, row: dict) -> Messages:
+        cfg = self.cfg
+        fields = dict(problem=row["problem"], answer=row["answer"], cot=row["cot"], student_name=cfg.student.name,
+                      student_size=cfg.student.size)
+        if role == "critic":
+            return render_messages("critic", cfg.roles.critic.prompt, **fields)
+        rc = cfg.roles.rethinker
+        return render_messages("rethink_easy", rc.prompt_easy or rc.prompt, feedback=None, previous=None, **fields)
+
+    def __call__(self, row: dict) -> dict:
+        row = check_original(dict(row))
+        if not alive(row):
+            return row
+        for role, rc, template, count, max_len in self.checks:
+            n = count(self._messages(role, template, row))
+            if n + rc.sampling.max_tokens > max_len:
+                return _fail(row, "context", f"the {role} prompt has {n} tokens; with max_tokens "
+                             f"{rc.sampling.max_tokens} it exceeds engine {rc.engine!r} max_model_len {max_len} "
+                             "(CoT too long for the engine's context)")
+        return row
 
 
 # ------------------------------------------------------------------ critic
@@ -92,6 +131,8 @@ def critic_stage(cfg: RunConfig, attempt: int) -> StageSpec:
         label = parse_label(reply.text) if reply.error is None else None
         if label is not None:
             row["label"], row["label_source"] = label, "critic"
+        elif last and reply.error is not None:
+            return _fail(row, "critic", f"engine error after {len(raws)} attempt(s): {reply.error[:500]}")
         elif last:
             if c.fallback_label == "error":
                 shown = (reply.text or reply.error or "")[:200]
@@ -294,7 +335,7 @@ def student_stage(cfg: RunConfig) -> StageSpec:
 
 def build_stages(cfg: RunConfig) -> list[StageSpec]:
     """The refine pipeline, unrolled: check, critic attempts, rethink/verify rounds, negatives."""
-    stages = [StageSpec(name="check_original", role="none", engine=None, apply=lambda row, _r: check_original(row), apply_on_skip=True)]
+    stages = [StageSpec(name="check_original", role="none", engine=None, extra={"callable_class": OriginalCheck})]
     stages += [critic_stage(cfg, a) for a in range(cfg.roles.critic.max_parse_retries + 1)]
     for r in range(1, cfg.roles.verifier.max_rounds + 1):
         stages += [rethink_stage(cfg, r), verify_stage(cfg, r)]

@@ -111,13 +111,12 @@ def run_refine(cfg: RunConfig) -> RefineResult:
         init_ray(cfg, required_local_cpus(cfg))
         check_resources(cfg, stages)
         t0 = time.time()
-        if cfg.refine.mode == "streaming":
-            run_streaming(cfg, store, stages, pending, commit)
-        else:
-            run_staged(cfg, store, stages, pending, commit)
+        run = run_streaming if cfg.refine.mode == "streaming" else run_staged
+        stage_walls = run(cfg, store, stages, pending, commit)
         state = store.read_state() or state
         state.setdefault("runs", []).append({"mode": cfg.refine.mode, "shards": len(pending),
-                                             "wall_s": round(time.time() - t0, 3), "started_at": t_start})
+                                             "wall_s": round(time.time() - t0, 3), "started_at": t_start,
+                                             "stage_wall_s": stage_walls})
         store.write_state(state)
     manifest = write_manifest(cfg, store)
     return RefineResult(Path(cfg.run_dir), manifest, shards_run=len(pending), shards_skipped=skipped)

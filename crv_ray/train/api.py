@@ -21,11 +21,21 @@ from pathlib import Path
 from typing import Callable
 
 from crv_ray.train.config import TrainConfig, stage_hash
-from crv_ray.train.data import TOKENIZED_FILE, DataReport, TokenizedRows, plan_padding_fraction, steps_per_epoch
+from crv_ray.train.batching import TokenizedRows, plan_padding_fraction, steps_per_epoch
+from crv_ray.train.data import TOKENIZED_FILE, DataReport
 
 logger = logging.getLogger(__name__)
 
 MARKER = "crv_ray_train.json"
+
+
+def _fingerprint(*paths: Path) -> str:
+    entries = []
+    for path in paths:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        entries += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files
+                    if f.suffix in (".parquet", ".safetensors", ".json", ".bin")]
+    return "|".join(entries)
 
 
 def _is_done(model_dir: Path, config_hash: str) -> bool:
@@ -88,14 +98,16 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Pat
     from crv_ray.train.ref_logps import pad_token_id
 
     model_dir, data_path, out_dir = Path(model_dir).resolve(), Path(data_path).resolve(), Path(out_dir).resolve()
-    config_hash = stage_hash(cfg, stage, model_dir=str(model_dir), data=str(data_path))
+    tokenizer = load_tokenizer(model_dir)  # a bad model path fails here, named
+    # Paths plus file sizes/mtimes: data rewritten in place must not reuse a stale tokenization or export.
+    config_hash = stage_hash(cfg, stage, model_dir=str(model_dir), data=str(data_path),
+                             files=_fingerprint(model_dir, data_path))
     export_dir = out_dir / "model"
     if _is_done(export_dir, config_hash):
         logger.info("%s: %s is complete for config %s, skipping", stage, export_dir, config_hash)
         return export_dir
     if export_dir.exists():  # an export of another config: never leave it looking like this run's result
         shutil.rmtree(export_dir)
-    tokenizer = load_tokenizer(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenized = _prepare_data(kind, data_path, model_dir, cfg, stage, out_dir, config_hash)
     run = {"train_cfg": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data_file": str(tokenized),

@@ -1,13 +1,8 @@
-"""Training data: read and validate Parquet, tokenize with the student's chat template, apply the length
-policy, plan length-grouped batches.
+"""Training data on the driver: read and validate Parquet, tokenize with the student's chat template, apply the
+length policy.
 
-Flow (driver): validate files -> Ray Data `read_parquet` -> `map_batches(tokenize)` -> stream the kept rows into
-one Arrow IPC file (`tokenized.arrow`) + `data_report.json`.
-Workers memory-map that file and take their rows by step index from a deterministic plan (`plan_epoch`), not
-from `ray.train.get_dataset_shard`: every rank must run exactly the same number of micro-batches (FSDP
-collectives hang otherwise), the global token count of a step must be known up front to normalise the loss,
-and resuming at step k must give exactly the batches an uninterrupted run would have seen. A plan that is a
-pure function of (lengths, seed, epoch, world size) gives all three for free.
+Flow: validate files -> Ray Data `read_parquet` -> `map_batches(tokenize)` -> stream the kept rows into one Arrow
+IPC file (`tokenized.arrow`) + a `DataReport`. How workers batch that file is in `batching.py`.
 """
 
 from __future__ import annotations
@@ -50,14 +45,14 @@ def list_parquet_files(path: str | Path, what: str = "dataset") -> list[Path]:
     raise ValueError(f"{what} path {str(path)!r} does not exist")
 
 
-def _check_text_column(table: pa.Table, col: str, file: Path, offset: int) -> None:
+def _check_text_column(table: pa.Table, col: str, file: Path) -> None:
     values = table.column(col)
     if pa.types.is_null(values.type):
         values = values.cast(pa.string())
     bad = pc.or_kleene(pc.is_null(values), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
     idx = np.flatnonzero(np.asarray(bad.to_numpy(zero_copy_only=False), dtype=bool))
     if idx.size:
-        raise ValueError(f"{file}: column {col!r} is empty or null in row {int(idx[0]) + offset} "
+        raise ValueError(f"{file}: column {col!r} is empty or null in row {int(idx[0])} "
                          f"({idx.size} such rows)")
 
 
@@ -67,21 +62,21 @@ def validate_files(files: list[Path], kind: Kind, gap_betas: dict[str, float] | 
     required = list(SFT_COLUMNS if kind == "sft" else PAIRS_COLUMNS) + (list(REF_COLUMNS) if require_ref else [])
     n_rows = 0
     for file in files:
-        names = pq.read_schema(file).names
+        schema = pq.read_schema(file)
+        names = schema.names
         missing = [c for c in required if c not in names]
         if missing:
             raise ValueError(f"{file}: missing column(s) {missing} (has {names})")
-        schema = pq.read_schema(file)
         for col in required:
             typ = schema.field(col).type
             if col not in REF_COLUMNS and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)
                                                or pa.types.is_null(typ)):
                 raise ValueError(f"{file}: column {col!r} must be text, is {typ}")
-        cols = [c for c in required] + [c for c in ("beta", "gap") if kind == "pairs" and c in names]
+        cols = required + [c for c in ("beta", "gap") if kind == "pairs" and c in names]
         table = pq.read_table(file, columns=cols)
         for col in required:
             if col not in REF_COLUMNS:
-                _check_text_column(table, col, file, 0)
+                _check_text_column(table, col, file)
         if kind == "pairs":
             if "beta" in names:
                 beta = table.column("beta").to_numpy(zero_copy_only=False).astype(float)
@@ -312,128 +307,3 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
     writer.close()
     tmp.replace(out_dir / TOKENIZED_FILE)
     return report
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batch plan (pure) and worker-side access
-# ----------------------------------------------------------------------------------------------------------
-
-def plan_epoch(lengths: np.ndarray, *, world_size: int, micro_batch_size: int, grad_accum: int, seed: int,
-               epoch: int, group_by_length: bool, window_steps: int) -> list[list[list[np.ndarray]]]:
-    """Row indices for every (step, accum, rank) micro-batch of one epoch: `plan[step][accum][rank]`.
-
-    Deterministic in (lengths, seed, epoch, shape). Every row appears exactly once; a step has at most
-    world_size * grad_accum * micro_batch_size rows, split as evenly as possible, so the steps per epoch are
-    ceil(rows / step_rows) regardless of grouping. With grouping, rows are shuffled, sorted by length inside
-    windows of `window_steps` steps, cut into steps and the steps of a window shuffled again; ranks at the
-    same accumulation index get neighbouring lengths, so they wait little on each other.
-    """
-    n = len(lengths)
-    step_rows = world_size * grad_accum * micro_batch_size
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    steps: list[np.ndarray] = []
-    window = window_steps * step_rows if group_by_length else n
-    for start in range(0, n, max(window, 1)):
-        win = order[start: start + window]
-        if group_by_length:
-            win = win[np.argsort(-lengths[win], kind="stable")]
-        chunks = np.array_split(win, math.ceil(len(win) / step_rows))
-        if group_by_length:
-            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-        steps.extend(chunks)
-    plan = []
-    for step in steps:
-        micro = np.array_split(step, world_size * grad_accum)
-        plan.append([[micro[a * world_size + r] for r in range(world_size)] for a in range(grad_accum)])
-    return plan
-
-
-def steps_per_epoch(n_rows: int, world_size: int, micro_batch_size: int, grad_accum: int) -> int:
-    return math.ceil(n_rows / (world_size * grad_accum * micro_batch_size))
-
-
-def padding_fraction(plan: list[list[list[np.ndarray]]], seq_lengths: np.ndarray) -> float:
-    """Share of padded positions over all micro-batches; `seq_lengths` is [rows, sequences per row]."""
-    padded = real = 0
-    for step in plan:
-        for accum in step:
-            for idx in accum:
-                if len(idx) == 0:
-                    continue
-                lens = seq_lengths[idx].reshape(-1)
-                padded += int(lens.max()) * lens.size
-                real += int(lens.sum())
-    return 0.0 if padded == 0 else 1.0 - real / padded
-
-
-def plan_padding_fraction(seq_lengths: np.ndarray, world_size: int, stage: _StageConfig) -> float:
-    """Padding fraction of epoch 0's plan (what data_report.json shows)."""
-    plan = plan_epoch(seq_lengths.max(axis=1), world_size=world_size, micro_batch_size=stage.per_device_batch_size,
-                      grad_accum=stage.grad_accum_steps, seed=stage.seed, epoch=0,
-                      group_by_length=stage.group_by_length, window_steps=stage.length_group_window)
-    return padding_fraction(plan, seq_lengths)
-
-
-class TokenizedRows:
-    """Memory-mapped tokenized dataset (zero-copy: ranks on one node share the page cache)."""
-
-    def __init__(self, path: str | Path):
-        self._init(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
-
-    @classmethod
-    def from_table(cls, table: pa.Table) -> "TokenizedRows":
-        rows = cls.__new__(cls)
-        rows._init(table)
-        return rows
-
-    def _init(self, table: pa.Table) -> None:
-        self.table = table
-        self.kind: Kind = "sft" if "input_ids" in self.table.column_names else "pairs"
-        self.prompt_len = self.table.column("prompt_len").to_numpy()
-        if self.kind == "sft":
-            self.seq_lengths = pc.list_value_length(self.table.column("input_ids")).to_numpy()[:, None]
-        else:
-            self.seq_lengths = np.stack([pc.list_value_length(self.table.column(c)).to_numpy()
-                                         for c in ("chosen_ids", "rejected_ids")], axis=1)
-        # Response tokens per row, for normalising the loss by the global token count without a collective.
-        self.loss_tokens = (self.seq_lengths[:, 0] - self.prompt_len).astype(np.int64)
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.seq_lengths.max(axis=1)
-
-    def _ids(self, col: str, i: int) -> np.ndarray:
-        return self.table.column(col)[int(i)].values.to_numpy()
-
-    def collate(self, idx: np.ndarray, pad_id: int) -> dict:
-        """Right-padded tensors. SFT: one sequence per row; pairs: chosen rows then rejected rows."""
-        import torch
-
-        cols = ["input_ids"] if self.kind == "sft" else ["chosen_ids", "rejected_ids"]
-        seqs, plens = [], []
-        for col in cols:
-            for i in idx:
-                seqs.append(self._ids(col, i))
-                plens.append(int(self.prompt_len[i]))
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for j, (s, p) in enumerate(zip(seqs, plens)):
-            input_ids[j, : len(s)] = torch.from_numpy(s.astype(np.int64))
-            attention_mask[j, : len(s)] = 1
-            loss_mask[j, p: len(s)] = True
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-        if self.kind == "pairs":
-            batch["beta"] = torch.tensor(self.table.column("beta").take(pa.array(idx, pa.int64())).to_numpy(),
-                                         dtype=torch.float32)
-            batch["gap"] = self.table.column("gap").take(pa.array(idx, pa.int64())).to_pylist()
-            for col in REF_COLUMNS:
-                if col in self.table.column_names:
-                    batch[col] = torch.tensor(
-                        self.table.column(col).take(pa.array(idx, pa.int64())).to_numpy(), dtype=torch.float32)
-        return batch

@@ -178,9 +178,10 @@ def peak_memory_mb() -> float:
 
 
 class MetricsLogger:
-    """Rank 0 writes `metrics.jsonl` (appended across resumes: take the last line per step) and TensorBoard."""
+    """Rank 0 writes `metrics.jsonl` and TensorBoard. A run resumed from a checkpoint appends (steps after the
+    checkpoint may repeat after a crash: take the last line per step); a fresh run starts a new file."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool):
+    def __init__(self, out_dir: str | Path, enabled: bool, resumed: bool):
         self.enabled = enabled
         if not enabled:
             return
@@ -188,7 +189,7 @@ class MetricsLogger:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out_dir / "metrics.jsonl").open("a")
+        self.jsonl = (out_dir / "metrics.jsonl").open("a" if resumed else "w")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def log(self, step: int, metrics: dict) -> None:

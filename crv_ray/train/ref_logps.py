@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crv_ray.train.config import CogPOConfig, TrainConfig
-from crv_ray.train.data import (REF_COLUMNS, TokenizedRows, list_parquet_files, load_tokenizer, read_parquet_dataset,
+from crv_ray.train.batching import TokenizedRows
+from crv_ray.train.data import (REF_COLUMNS, list_parquet_files, load_tokenizer, read_parquet_dataset,
                                 tokenize_pairs_batch, validate_files)
 
 COMPLETE_MARKER = "_crv_ray_complete.json"
@@ -105,7 +106,8 @@ def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: s
         RefLogpsPredictor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "cogpo_cfg": cfg.cogpo.model_dump(mode="json"),
                                "use_gpu": use_gpu},
-        batch_format="pyarrow", batch_size=cfg.ref_batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
+        batch_format="pyarrow", batch_size=cfg.ref_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
     tmp = out_path.with_name(out_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray.train
 
+from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
-from crv_ray.train.data import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
                                        rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler)
 from crv_ray.train.export import export_model
@@ -45,7 +46,7 @@ class SFTRecipe:
         if state is None:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
         self.pad_id = int(self.run["pad_id"])
-        self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, resumed=state is not None)
         self._plans: dict[int, list] = {}
 
     def _plan(self, epoch: int) -> list:
@@ -63,7 +64,6 @@ class SFTRecipe:
         model.train()
         window = np.zeros(4)  # nll sum, loss tokens, real tokens, padded positions (global, since last log)
         t_last = time.perf_counter()
-        last_saved = self.global_step
         while self.global_step < self.total_steps:
             epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
             step_plan = self._plan(epoch)[step_in_epoch]
@@ -99,19 +99,16 @@ class SFTRecipe:
                            "padding_fraction": 1 - window[2] / max(window[3], 1), "peak_memory_mb": peak_memory_mb()}
                 metrics = {k: float(v) for k, v in metrics.items()}
                 self.logger.log(self.global_step, metrics)
-                window[:], t_last = 0, time.perf_counter()
+                window[:] = 0
             stop = stage.stop_after_steps is not None and self.global_step >= stage.stop_after_steps
             if self.global_step % stage.checkpoint_every_steps == 0 or stop or self.global_step == self.total_steps:
                 self._save(metrics or {"step": self.global_step})
-                last_saved = self.global_step
             elif metrics is not None:
-                import ray.train
-
                 ray.train.report({"step": self.global_step, **metrics})
+            if metrics is not None:
+                t_last = time.perf_counter()  # checkpoint time is not training throughput
             if stop and self.global_step < self.total_steps:
                 return False
-        if last_saved != self.global_step:
-            self._save({"step": self.global_step})
         return True
 
     def _save(self, metrics: dict) -> None:

