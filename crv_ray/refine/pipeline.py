@@ -122,8 +122,9 @@ def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
     if spec.fanout is not None:
         ds = ds.flat_map(spec.fanout)
     if spec.engine is None:
-        cls = spec.extra["callable_class"]
-        return ds.map(cls, fn_constructor_args=(cfg,), concurrency=1)
+        if "callable_class" in spec.extra:
+            return ds.map(spec.extra["callable_class"], fn_constructor_args=(cfg,), concurrency=1)
+        return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)))
     ds = ds.map(_prepare_fn(spec))
     ds = build_engine_transform(cfg, spec, keep=columns + [SKIP])(ds)
     return ds.map(_apply_fn(spec, columns))
