@@ -7,6 +7,7 @@ Behaviour is steered by tags in the problem text, e.g. "[label=easy]", "[critic=
 from __future__ import annotations
 
 import re
+import zlib
 
 from crv_ray.answers import extract_final_answer
 
@@ -28,6 +29,11 @@ def _off_by_one(answer: str) -> str:
         return answer + "1"
 
 
+def _default_label(row: dict) -> str:
+    # Untagged problems (e.g. synthetic ones) get a label spread by id, so every pair type shows up.
+    return ("easy", "medium", "hard")[zlib.crc32(row["problem_id"].encode()) % 3]
+
+
 def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
     gold = row["answer"]
     if stage.startswith("critic"):
@@ -35,10 +41,10 @@ def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
             return "I am not sure what to say."
         if _tag(row, "critic") == "garbage_once" and stage == "critic_a0":
             return "Hmm."
-        return f"Label: {_tag(row, 'label') or 'medium'}"
+        return f"Label: {_tag(row, 'label') or _default_label(row)}"
     if stage.startswith("rethink"):
         steps = row["cot"].split("\n\n")
-        if "easy" in messages[-1]["content"].lower()[:0] or _tag(row, "label") == "easy":
+        if (_tag(row, "label") or _default_label(row)) == "easy":
             steps.insert(max(len(steps) - 1, 0), "Let me check this intermediate step carefully.")
         else:
             steps = steps[-2:] if len(steps) > 2 else steps

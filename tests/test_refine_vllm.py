@@ -53,12 +53,12 @@ def test_cot_longer_than_context_is_quarantined(ray_local, tmp_path):
     inp.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
                       [f"run_dir={tmp_path / 'run'}", "input.source=file", f"input.path={inp}",
-                       "engines.agent.max_model_len=256", "refine.mode=staged", "negatives.sources=[wrong_original]",
+                       "engines.agent.max_model_len=1024", "refine.mode=staged", "negatives.sources=[wrong_original]",
                        "roles.verifier.llm_judge=false", "roles.verifier.require=[rule]"])
     res = run_refine(cfg)
     errors = read(cfg.run_dir, "errors")
     assert len(errors) == 1 and errors[0]["stage"] == "context"
-    assert "max_model_len 256" in errors[0]["reason"] and "critic prompt has" in errors[0]["reason"]
+    assert "max_model_len 1024" in errors[0]["reason"] and "critic prompt has" in errors[0]["reason"]
     assert res.manifest["reconciliation"]["balanced"]
 
 
