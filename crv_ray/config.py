@@ -51,7 +51,7 @@ class VLLMEngineConfig(_Strict):
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
     kv_cache_space_gb: int | None = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB).")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off unless you trust it.")
-    structured_output: bool = Field(True, description="Constrain critic labels with guided decoding.")
+    structured_output: bool = Field(True, description="Constrain critic labels and verifier verdicts with guided decoding.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
 
 
@@ -69,7 +69,7 @@ class OpenAIEngineConfig(_Strict):
     base_retry_wait_s: float = Field(1.0, gt=0, description="First backoff wait; doubles per retry.")
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout.")
     max_model_len: int | None = Field(None, ge=16, description="Context length, if known, for the pre-flight length check.")
-    structured_output: bool = Field(False, description="Send vLLM's guided_choice for critic labels (vLLM servers only).")
+    structured_output: bool = Field(False, description="Send vLLM structured_outputs for critic labels and verdicts (vLLM servers only).")
 
 
 class ScriptedEngineConfig(_Strict):

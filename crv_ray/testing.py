@@ -7,6 +7,7 @@ Behaviour is steered by tags in the problem text, e.g. "[label=easy]", "[critic=
 from __future__ import annotations
 
 import re
+import time
 import zlib
 
 from crv_ray.answers import extract_final_answer
@@ -36,6 +37,8 @@ def _default_label(row: dict) -> str:
 
 def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
     gold = row["answer"]
+    if _tag(row, "hang") and stage.startswith("critic"):
+        time.sleep(int(_tag(row, "hang")))  # a stuck engine, for the watchdog
     if stage.startswith("critic"):
         if _tag(row, "critic") == "garbage":
             return "I am not sure what to say."

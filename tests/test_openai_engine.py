@@ -199,7 +199,7 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "512", "--enforce-eager"]
+           "--max-model-len", "2048", "--enforce-eager"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log_path, "wb") as log:
         # Own session so teardown can stop the server and the engine process it spawns, and nothing else.
@@ -256,7 +256,8 @@ def test_refine_adapter_against_vllm_server(vllm_server, ray_local):
 
     engine = RunEngineConfig(base_url=vllm_server, model="tiny", api_key_env=None, batch_size=4, structured_output=True)
     choice = ["easy", "medium", "hard"]
-    transform = build_openai_transform(engine, Sampling(temperature=0.0, max_tokens=4), choice, keep=["id", c.SKIP])
+    transform = build_openai_transform(engine, Sampling(temperature=0.0, max_tokens=4), {"choice": choice},
+                                       keep=["id", c.SKIP])
     rows = [{"id": i, c.MESSAGES: json.dumps([{"role": "user", "content": f"Rate {i}."}]), c.SKIP: i == 2, c.SEED: i}
             for i in range(4)]
     out = sorted(transform(ray_local.data.from_items(rows)).take_all(), key=lambda r: r["id"])
@@ -268,3 +269,29 @@ def test_refine_adapter_against_vllm_server(vllm_server, ray_local):
         else:
             assert row[c.OUT_ERROR] is None and row[c.OUT_REPLY] in choice, row
             assert row[c.OUT_TOKENS] >= 1 and row[c.OUT_PROMPT_TOKENS] > 0
+
+
+@pytest.mark.slow
+def test_refine_run_through_openai_engine(vllm_server, ray_local, tmp_path):
+    """The whole refine stage with every role on a real OpenAI-compatible server (vLLM on loopback)."""
+    from crv_ray.config import load_config_dict
+    from crv_ray.refine.runner import run_refine
+
+    engine = {"kind": "openai", "base_url": vllm_server, "model": "tiny", "api_key_env": None, "batch_size": 8,
+              "max_retries": 1, "structured_output": True}
+    cfg = load_config_dict({
+        "run_dir": str(tmp_path / "run"),
+        "student": {"name": "tiny", "size": "1M", "model": "builtin:tiny"},
+        "input": {"source": "synthetic", "synthetic": {"n": 4, "seed": 3, "verbosity": ["terse"]}},
+        "engines": {"agent": engine, "student": engine},
+        "roles": {"critic": {"max_parse_retries": 0, "sampling": {"max_tokens": 8}},
+                  "rethinker": {"sampling": {"max_tokens": 16}}, "verifier": {"max_rounds": 1,
+                                                                              "sampling": {"max_tokens": 8}}},
+        "negatives": {"student": {"k": 2, "sampling": {"max_tokens": 8}}, "injector": {"sampling": {"max_tokens": 16}}},
+        "refine": {"mode": "streaming", "shard_size": 2},
+    })
+    res = run_refine(cfg)
+    rec = res.manifest["reconciliation"]
+    assert rec["trace_rows"] == 4 and rec["balanced"] and rec["trace_error"] == 0
+    assert res.manifest["tokens"]["critic"]["completion"] > 0 and res.manifest["tokens"]["student"]["prompt"] > 0
+    assert sum(res.manifest["critic_labels"].values()) == 4  # structured output: every reply is a label

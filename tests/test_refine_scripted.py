@@ -198,3 +198,30 @@ def test_killed_run_resumes_without_loss_or_duplicates(streaming_run, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("sft", "pairs", "errors"):
         assert comparable(cfg_full.run_dir, name) == comparable(cfg.run_dir, name), name
+
+
+def test_watchdog_turns_a_hang_into_an_error(ray_local, tmp_path):
+    from crv_ray.refine.pipeline import RefineStalled
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "h", "problem": "[hang=20] What is 2+3?", "answer": "5", "cot": COT_OK}) + "\n")
+    cfg = make_cfg(tmp_path, refine={"watchdog_s": 2, "startup_timeout_s": 4})
+    t0 = time.time()
+    with pytest.raises(RefineStalled, match="refine.startup_timeout_s"):
+        run_refine(cfg)
+    assert time.time() - t0 < 20
+
+
+def test_pools_that_cannot_fit_fail_before_starting(ray_local, tmp_path):
+    from crv_ray.refine.pipeline import RefineError
+
+    vllm = {"kind": "vllm", "model": "builtin:tiny", "use_gpu": True, "tensor_parallel_size": 2, "replicas": 2}
+    cfg = make_cfg(tmp_path, engines={"agent": vllm}, refine={"mode": "staged"})
+    with pytest.raises(RefineError, match=r"GPU: need 4 for the largest single stage .* cluster has 0"):
+        run_refine(cfg)
+    cpu = {"kind": "vllm", "model": "builtin:tiny", "replicas": 3}
+    cfg = make_cfg(tmp_path, engines={"agent": cpu}, refine={"mode": "streaming"},
+                   ray={"num_cpus": 6})
+    with pytest.raises(RefineError, match=r"CPU: need \d+ for all role pools together.*use refine.mode=staged"):
+        run_refine(cfg)
+    assert not list((tmp_path / "run" / "refine").glob("trace/*.parquet"))

@@ -35,11 +35,11 @@ def build_engine_transform(cfg: RunConfig, spec: "StageSpec", keep: list[str]) -
     if isinstance(engine, VLLMEngineConfig):
         from crv_ray.engines.vllm_engine import build_vllm_transform
 
-        return build_vllm_transform(engine, resolved_model_path(engine.model), spec.sampling, spec.choice, keep)
+        return build_vllm_transform(engine, resolved_model_path(engine.model), spec.sampling, spec.structured, keep)
     if isinstance(engine, OpenAIEngineConfig):
         from crv_ray.engines.openai_engine import build_openai_transform
 
-        return build_openai_transform(engine, spec.sampling, spec.choice, keep)
+        return build_openai_transform(engine, spec.sampling, spec.structured, keep)
     if isinstance(engine, ScriptedEngineConfig):
         from crv_ray.engines.scripted import build_scripted_transform
 

@@ -262,7 +262,7 @@ _SAMPLING_COL = "__openai_sampling"
 def build_openai_transform(
     engine: "run_config.OpenAIEngineConfig",
     sampling: "run_config.Sampling",
-    choice: list[str] | None,
+    structured: dict | None,
     keep: list[str],
 ) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
     """The engine transform `crv_ray.engines.build_engine_transform` expects: rows with the `engines.columns`
@@ -283,8 +283,8 @@ def build_openai_transform(
     base: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
     if sampling.seed is not None:
         base["seed"] = sampling.seed
-    if choice and engine.structured_output:
-        base["structured_outputs"] = {"choice": list(choice)}
+    if structured and engine.structured_output:
+        base["structured_outputs"] = dict(structured)
     stage = build_openai_stage(
         cfg,
         messages_col=c.MESSAGES,

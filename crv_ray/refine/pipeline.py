@@ -230,7 +230,7 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
         stage_dir = f"{i:02d}-{spec.name}"
         todo = [s for s in shards if not store.stage_file(stage_dir, s["shard"]).exists()]
         if todo:
-            log.info("stage %s: %d shard(s)", spec.name, len(todo))
+            print(f"[refine] stage {i + 1}/{len(stages)} {spec.name}: {len(todo)} shard(s)", flush=True)
 
             def write(shard: int, by_problem: dict[str, list[dict]], _d: str = stage_dir) -> None:
                 rows = [r for pid in sorted(by_problem) for r in by_problem[pid]]
@@ -241,6 +241,8 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
                         f"refine stage {spec.name}", columns)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
         walls[spec.name] = round(time.time() - t0, 3)
+        if todo:
+            print(f"[refine] stage {spec.name} done in {walls[spec.name]:.0f}s", flush=True)
     # Commit from the last stage's files.
     import pyarrow.parquet as pq
 

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 
 from crv_ray.answers import check_answer, extract_final_answer
 from crv_ray.config import RunConfig, Sampling
+from crv_ray.refine.pairs import select_aligned
 from crv_ray.refine.parsing import LABELS, extract_rewrite, parse_label, parse_verdict
 from crv_ray.refine.prompts import render_messages
 from crv_ray.refine.state import round_col
 
 Messages = list[dict]
+# The verifier's reply format (verifier.j2), enforced where the engine supports structured output.
+VERDICT_REGEX = r"VERDICT: (PASS|FAIL)\nREASON: [^\n]{1,300}"
 
 
 @dataclass
@@ -35,7 +38,7 @@ class StageSpec:
     role: str  # for token accounting: critic | rethinker | verifier | injector | student
     engine: str | None  # engine name; None for CPU-only stages
     sampling: Sampling | None = None
-    choice: list[str] | None = None  # guided decoding choices, where the engine supports it
+    structured: dict | None = None  # vLLM structured_outputs (choice / regex), where the engine supports it
     prepare: Callable[[dict], Messages | None] | None = None
     apply: Callable[[dict, Reply], dict] | None = None
     fanout: Callable[[dict], list[dict]] | None = None  # one row -> several (student samples)
@@ -141,7 +144,7 @@ def critic_stage(cfg: RunConfig, attempt: int) -> StageSpec:
         return row
 
     return StageSpec(name=f"critic_a{attempt}", role="critic", engine=c.engine, sampling=sampling,
-                     choice=list(LABELS), prepare=prepare, apply=apply)
+                     structured={"choice": list(LABELS)}, prepare=prepare, apply=apply)
 
 
 # ------------------------------------------------------------------ rethink / verify rounds
@@ -255,16 +258,15 @@ def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
         return row
 
     return StageSpec(name=f"verify_r{r}", role="verifier", engine=vc.engine if vc.llm_judge else None,
-                     sampling=vc.sampling, prepare=prepare, apply=apply, apply_on_skip=True)
+                     sampling=vc.sampling, structured={"regex": VERDICT_REGEX}, prepare=prepare, apply=apply,
+                     apply_on_skip=True)
 
 
 # ------------------------------------------------------------------ negatives
 def aligned_text(row: dict) -> str | None:
-    if row.get("refined_verified"):
-        return row.get("refined_cot")
-    if row.get("label") == "medium" and row.get("orig_correct"):
-        return row.get("cot")
-    return None
+    cot, _ = select_aligned(row.get("label"), bool(row.get("orig_correct")), row.get("refined_cot"),
+                            bool(row.get("refined_verified")), original_cot=row.get("cot"))
+    return cot
 
 
 def _covered_before(cfg: RunConfig, row: dict, source: str) -> bool:

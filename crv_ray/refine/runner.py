@@ -36,10 +36,25 @@ class RefineResult:
         return self.run_dir / "refine" / name
 
 
+def quiet_ray_data() -> None:
+    """Ray Data logs every operator's progress every few seconds; crv-ray prints one line per stage and shard
+    instead. `crv-ray -v` keeps Ray's logs."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
     """Join the configured cluster, or start a local one with enough logical CPUs for the role pools."""
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
