@@ -114,6 +114,7 @@ def run_trl(model_dir: Path, pairs: list[dict], steps: int, device: str) -> dict
     dummy = Dataset.from_dict({"prompt": ["a b"], "chosen": [" c"], "rejected": [" d"]})
     trainer = DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tok)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps + 1)
+    trainer.current_gradient_accumulation_steps = 1  # normally set inside Trainer.train()
     batch = trainer.data_collator(pairs)
     batch = {k: v.to(trainer.model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     n_tokens = batch["input_ids"].numel()

@@ -4,6 +4,7 @@ optional LoRA, optimizer and schedule, seeding, gradient clipping, and rank-0 me
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import time
@@ -25,9 +26,15 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def device() -> torch.device:
-    import ray.train.torch
+    """Ray Train's device for this worker; outside Ray Train (benchmarks, torchrun) the local GPU or the CPU."""
+    try:
+        import ray.train.torch
 
-    return ray.train.torch.get_device()
+        return ray.train.torch.get_device()
+    except (ImportError, RuntimeError):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
 
 
 def seed_all(seed: int) -> None:
