@@ -70,7 +70,7 @@ def run_baseline(cfg_dict: dict) -> dict:
     for rec in read_problems(cfg.input):
         row = empty_state(cfg.roles.verifier.max_rounds)
         row.update({k: rec[k] for k in ("problem_id", "source", "problem", "answer", "answer_raw", "cot")})
-        row["prompt"] = render_student_prompt(rec["problem"])
+        row["student_prompt"] = render_student_prompt(rec["problem"])
         rows.append(row)
     for spec in build_stages(cfg):
         if spec.engine is None:

@@ -115,7 +115,9 @@ def test_pairs_follow_the_gap_table(streaming_run):
     assert gaps["wrong_orig"] == {"large"}  # a wrong original is never chosen
     sft = {r["problem_id"]: r for r in read(cfg.run_dir, "sft")}
     assert set(sft) == {"easy", "medium", "hard_fail1", "garbage", "garbage_once", "wrong_orig", "student_right"}
-    assert all(r["prompt"].startswith(r["prompt"][:10]) and "\\boxed" in r["response"] for r in sft.values())
+    for r in sft.values():
+        assert r["prompt"].startswith(CASES[r["problem_id"]][0]) and r["prompt"].endswith("\\boxed{}.")
+        assert "\\boxed" in r["response"]
 
 
 def test_counts_reconcile_and_errors_have_reasons(streaming_run):

@@ -95,7 +95,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
             candidates.append(("injected", base["injected_cot"]))
         order = [_SOURCE_NAMES[s] for s in cfg.negatives.sources]
         negative, negative_source = choose_negative(candidates, order)
-        pairs = build_pairs(base["problem_id"], base["prompt"], base["cot"], bool(base.get("orig_correct")),
+        pairs = build_pairs(base["problem_id"], base["student_prompt"], base["cot"], bool(base.get("orig_correct")),
                             base.get("label"), aligned, aligned_source, negative, betas=cfg.pairs.betas.model_dump(),
                             gaps=cfg.pairs.gaps)
         for p in pairs:
@@ -103,6 +103,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
 
     trace = {k: base.get(k) for k in TRACE_SCHEMA.names if k in base}
     trace.update(
+        prompt=base.get("student_prompt"),
         status="error" if failed else "ok",
         critic_raw=json.loads(base["critic_raw"]) if base.get("critic_raw") else [],
         rounds=rounds,
@@ -124,7 +125,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
                          "stage": base.get("error_stage"), "reason": base.get("error"),
                          "problem": base.get("problem"), "answer_raw": base.get("answer_raw"), "cot": base.get("cot")}
     elif aligned is not None:
-        out["sft"] = {"problem_id": base["problem_id"], "prompt": base["prompt"], "response": aligned,
+        out["sft"] = {"problem_id": base["problem_id"], "prompt": base["student_prompt"], "response": aligned,
                       "aligned_source": aligned_source, "label": base.get("label")}
     return out
 

@@ -67,7 +67,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
             n_bad += 1
             row["error_stage"], row["error"] = "input", rec["error"]
         else:
-            row["prompt"] = render_student_prompt(rec["problem"], cfg.refine.student_prompt)
+            row["student_prompt"] = render_student_prompt(rec["problem"], cfg.refine.student_prompt)
         buf.append(row)
         if len(buf) >= cfg.refine.shard_size:
             flush()

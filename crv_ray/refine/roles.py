@@ -321,7 +321,7 @@ def student_stage(cfg: RunConfig) -> StageSpec:
     def prepare(row: dict) -> Messages | None:
         if row.get("sample_index") is None:
             return None
-        return [{"role": "user", "content": row["prompt"]}]
+        return [{"role": "user", "content": row["student_prompt"]}]
 
     def apply(row: dict, reply: Reply) -> dict:
         _account(row, "student", reply)

@@ -18,7 +18,9 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "answer": pa.string(),  # normalised gold answer
     "answer_raw": pa.string(),
     "cot": pa.string(),  # original teacher CoT
-    "prompt": pa.string(),  # the student's prompt (the `prompt` column of sft and pairs)
+    # The student's prompt (the `prompt` column of sft and pairs). Not named "prompt": ray.data.llm writes its
+    # own templated "prompt" into every row that passes an engine stage.
+    "student_prompt": pa.string(),
     "error_stage": pa.string(),
     "error": pa.string(),
     # original CoT check
