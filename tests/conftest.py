@@ -42,3 +42,16 @@ def ray_local():
     ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_started():
+    """A Ray cluster for one training test module, unless one is already up (then it is reused, not stopped)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()

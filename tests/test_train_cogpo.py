@@ -23,18 +23,6 @@ COGPO = {"epochs": 2, "lr": 5e-3, "warmup_ratio": 0.0, "scheduler": "constant", 
 
 
 @pytest.fixture(scope="module")
-def ray_started():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory, ray_started):
     root = tmp_path_factory.mktemp("cogpo")
     model = resolve_model("builtin:tiny", cache_dir=root / "cache")

@@ -27,18 +27,6 @@ def tokenizer(tiny_model):
     return load_tokenizer(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def ray_started():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _write(path, **cols):
     pq.write_table(pa.table(cols), path)
     return path

@@ -22,18 +22,6 @@ SFT = {"epochs": 3, "lr": 1e-2, "scheduler": "cosine", "warmup_ratio": 0.2, "per
 
 
 @pytest.fixture(scope="module")
-def ray_started():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_started):
     root = tmp_path_factory.mktemp("sft")
     model = resolve_model("builtin:tiny", cache_dir=root / "cache")

@@ -16,7 +16,7 @@ import torch
 from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
-from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
+from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
                                        rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
@@ -162,8 +162,4 @@ class CogPORecipe:
 
 def cogpo_train_loop(run: dict) -> None:
     """Ray Train `train_loop_per_worker` for CogPO."""
-    recipe = CogPORecipe(run)
-    recipe.setup()
-    if recipe.train():
-        recipe.export()
-    recipe.cleanup()
+    run_recipe(CogPORecipe(run))

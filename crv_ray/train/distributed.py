@@ -213,3 +213,11 @@ class MetricsLogger:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def run_recipe(recipe) -> None:
+    """A recipe's life on one worker: setup, train, export when training ran to the end, cleanup."""
+    recipe.setup()
+    if recipe.train():
+        recipe.export()
+    recipe.cleanup()

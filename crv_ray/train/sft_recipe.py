@@ -14,7 +14,7 @@ import ray.train
 from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
-from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
+from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
                                        rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
@@ -125,9 +125,5 @@ class SFTRecipe:
 
 def sft_train_loop(run: dict) -> None:
     """Ray Train `train_loop_per_worker` for SFT."""
-    recipe = SFTRecipe(run)
-    recipe.setup()
-    if recipe.train():
-        recipe.export()
-    recipe.cleanup()
+    run_recipe(SFTRecipe(run))
 
