@@ -173,19 +173,19 @@ class NegativesConfig(_Strict):
         return v
 
 
-class GapBetas(_Strict):
-    """CogPO beta per gap (project defaults; the paper's values are unknown). Larger = closer to the reference."""
-
-    small: float = Field(1.0, gt=0, allow_inf_nan=False, description="Aligned vs misaligned-but-correct original.")
-    medium: float = Field(0.5, gt=0, allow_inf_nan=False, description="Correct original vs incorrect CoT.")
-    large: float = Field(0.2, gt=0, allow_inf_nan=False, description="Aligned vs incorrect CoT.")
-
-
 class PairsConfig(_Strict):
-    betas: GapBetas = Field(default_factory=GapBetas)
     gaps: list[Literal["small", "medium", "large"]] = Field(
         default_factory=lambda: ["small", "medium", "large"], description="Pair types to build."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _betas_moved(cls, data: Any) -> Any:
+        # Beta is a training choice: pairs carry their gap and training maps gap -> beta.
+        if isinstance(data, dict) and "betas" in data:
+            raise ValueError("pairs.betas moved to train.cogpo.gap_betas (beta is resolved from each pair's gap at "
+                             "train time, so a beta sweep needs no new refine run)")
+        return data
 
 
 # ---------------------------------------------------------------- input
@@ -193,7 +193,11 @@ class ColumnMap(_Strict):
     problem: str = Field("problem", description="Column holding the problem text.")
     answer: str = Field("answer", description="Column holding the gold final answer.")
     cot: str = Field("cot", description="Column holding the teacher CoT.")
-    id: str | None = Field(None, description="Optional column with a stable id; else an id is hashed from the row.")
+    id: str | None = Field(
+        "id",
+        description="Column with the user's problem id. The default 'id' is used where a row has it (else the id is "
+        "hashed from problem and answer); another name is required in every row; null always hashes.",
+    )
 
 
 class SyntheticConfig(_Strict):
@@ -215,12 +219,42 @@ class InputConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="Use at most this many rows.")
     max_cot_chars: int | None = Field(None, ge=1, description="Quarantine CoTs longer than this many characters.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    on_no_answer: Literal["judge", "drop", "keep_unverified"] = Field(
+        "judge",
+        description="Originals with no final answer the checker can find (never negatives): judge = the verifier's "
+        "LLM decides whether the CoT reaches the gold answer (PASS: kept as correct, FAIL: error row); drop = error "
+        "row; keep_unverified = kept as a positive-only row, never a negative nor a rejected response.",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> "InputConfig":
         if self.source in ("file", "hf") and not self.path:
             raise ValueError(f"path is required when source is {self.source!r}")
         return self
+
+
+# ---------------------------------------------------------------- answer checking
+class AnswersConfig(_Strict):
+    """How final answers are extracted from CoTs and compared with the gold answer (crv_ray/answers.py)."""
+
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Extra regexes for the final answer, tried before the built-in forms; each has one capture group "
+        "(the answer) and the last match in the text wins.",
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock bound on one math-verify comparison; past it the check is an 'error'.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, v: list[str]) -> list[str]:
+        for i, pat in enumerate(v):
+            try:
+                rx = re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"patterns[{i}] {pat!r} is not a valid regex: {e}") from None
+            if rx.groups != 1:
+                raise ValueError(f"patterns[{i}] {pat!r} must have exactly one capture group (the answer), has {rx.groups}")
+        return v
 
 
 # ---------------------------------------------------------------- run-level
@@ -261,6 +295,7 @@ class RunConfig(_Strict):
     seed: int = 0
     student: StudentConfig
     input: InputConfig = Field(default_factory=InputConfig)
+    answers: AnswersConfig = Field(default_factory=AnswersConfig)
     engines: dict[str, EngineConfig] = Field(..., description="Named engines the roles refer to.")
     roles: RolesConfig = Field(default_factory=RolesConfig)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
@@ -281,6 +316,10 @@ class RunConfig(_Strict):
         if "student_samples" in self.negatives.sources:
             refs["negatives.student.engine"] = self.negatives.student.engine
         if not self.roles.verifier.llm_judge:
+            if self.input.on_no_answer == "judge":
+                # No silent fallback: which policy applies changes what the data set contains.
+                raise ValueError("input.on_no_answer is 'judge' (the default) but roles.verifier.llm_judge is false: "
+                                 "turn the judge on, or set input.on_no_answer to 'drop' or 'keep_unverified'")
             refs.pop("roles.verifier.engine")
         for field, name in refs.items():
             if name not in self.engines:

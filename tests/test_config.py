@@ -18,7 +18,7 @@ MIN = {
 
 def test_minimal_config_has_method_defaults():
     cfg = load_config_dict(MIN)
-    assert cfg.pairs.betas.model_dump() == {"small": 1.0, "medium": 0.5, "large": 0.2}
+    assert cfg.train.cogpo.gap_betas == {"small": 1.0, "medium": 0.5, "large": 0.2}
     assert cfg.roles.verifier.max_rounds == 2
     assert cfg.negatives.sources == ["wrong_original", "student_samples", "injected"]
     assert cfg.refine.mode == "streaming"
@@ -26,7 +26,8 @@ def test_minimal_config_has_method_defaults():
 
 @pytest.mark.parametrize("override, needle", [
     ("roles.verifier.max_rounds=0", "roles.verifier.max_rounds"),
-    ("pairs.betas.small=-1", "pairs.betas.small: Input should be greater than 0"),
+    ("train.cogpo.gap_betas.small=-1", "gap_betas['small'] must be > 0"),
+    ("pairs.betas.small=1", "pairs.betas moved to train.cogpo.gap_betas"),
     ("refine.mode=fast", "refine.mode"),
     ("roles.critic.engine=nope", "roles.critic.engine = 'nope' is not defined in engines"),
     ("refine.shard_sise=3", "refine.shard_sise"),
@@ -67,8 +68,10 @@ def test_redaction_keeps_env_names_hides_secrets():
 def test_refine_hash_ignores_operational_knobs():
     a = load_config_dict(MIN)
     b = load_config_dict(MIN, overrides=["refine.watchdog_s=5", "ray.num_cpus=3", "run_dir=elsewhere"])
-    c = load_config_dict(MIN, overrides=["pairs.betas.large=0.3"])
-    assert a.refine_hash() == b.refine_hash() != c.refine_hash()
+    c = load_config_dict(MIN, overrides=["pairs.gaps=[large]"])
+    # Betas are a training choice: a beta sweep reuses the refine outputs.
+    d = load_config_dict(MIN, overrides=["train.cogpo.gap_betas.large=0.3"])
+    assert a.refine_hash() == b.refine_hash() == d.refine_hash() != c.refine_hash()
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

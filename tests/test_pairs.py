@@ -1,9 +1,8 @@
 import hashlib
-import math
 
 import pytest
 
-from crv_ray.refine.pairs import DEFAULT_BETAS, GAPS, build_pairs, choose_negative, pair_id, select_aligned
+from crv_ray.refine.pairs import GAPS, build_pairs, choose_negative, pair_id, select_aligned
 
 ORIG = "original step\n\n\\boxed{4}"
 REFINED = "refined step 1\n\nrefined step 2\n\n\\boxed{4}"
@@ -69,46 +68,27 @@ def test_gap_existence(case, kwargs, expected):
     assert _gaps(**kwargs) == expected, case
 
 
-def test_pair_fields_and_default_betas():
+def test_pair_fields_carry_the_gap_not_a_beta():
     pairs = build_pairs("p1", "Q?", ORIG, True, "hard", REFINED, "refined", NEG)
-    assert [(p["gap"], p["beta"]) for p in pairs] == [("small", 1.0), ("medium", 0.5), ("large", 0.2)]
+    assert [p["gap"] for p in pairs] == ["small", "medium", "large"]
     for p in pairs:
-        assert set(p) == {"pair_id", "problem_id", "prompt", "chosen", "rejected", "gap", "beta"}
+        # Beta is resolved from the gap at train time (train.cogpo.gap_betas): a beta sweep needs no new refine.
+        assert set(p) == {"pair_id", "problem_id", "prompt", "chosen", "rejected", "gap"}
         assert p["problem_id"] == "p1" and p["prompt"] == "Q?" and p["pair_id"] == pair_id("p1", p["gap"])
         assert p["chosen"].strip() != p["rejected"].strip()
 
 
-def test_custom_betas_and_gap_filter():
-    betas = {"small": 2, "large": 0.05}
-    pairs = build_pairs("p1", "Q", ORIG, True, "easy", REFINED, "refined", NEG, betas=betas, gaps=("large", "small"))
-    assert [(p["gap"], p["beta"]) for p in pairs] == [("small", 2.0), ("large", 0.05)]
-    assert all(isinstance(p["beta"], float) for p in pairs)
+def test_gap_filter():
+    pairs = build_pairs("p1", "Q", ORIG, True, "easy", REFINED, "refined", NEG, gaps=("large", "small"))
+    assert [p["gap"] for p in pairs] == ["small", "large"]
     # Asked for alone, a medium-labelled problem's large pair is kept (no medium pair to repeat).
     alone = build_pairs("p1", "Q", ORIG, True, "medium", ORIG, "original", NEG, gaps=("large",))
     assert [(p["gap"], p["chosen"], p["rejected"]) for p in alone] == [("large", ORIG, NEG)]
 
 
-@pytest.mark.parametrize(
-    ("betas", "gaps", "message"),
-    [
-        ({"small": 1.0, "medium": 0.5}, GAPS, "'large'"),
-        ({**DEFAULT_BETAS, "medium": 0.0}, GAPS, "'medium'"),
-        ({**DEFAULT_BETAS, "small": -1.0}, GAPS, "'small'"),
-        ({**DEFAULT_BETAS, "large": math.inf}, GAPS, "'large'"),
-        ({**DEFAULT_BETAS, "large": math.nan}, GAPS, "'large'"),
-        ({**DEFAULT_BETAS, "small": "1.0"}, GAPS, "'small'"),
-        ({**DEFAULT_BETAS, "small": True}, GAPS, "'small'"),
-        (DEFAULT_BETAS, ("small", "huge"), "'huge'"),
-    ],
-)
-def test_beta_validation(betas, gaps, message):
-    with pytest.raises(ValueError, match=message):
-        build_pairs("p1", "Q", ORIG, True, "easy", REFINED, "refined", NEG, betas=betas, gaps=gaps)
-
-
-def test_betas_only_needed_for_requested_gaps():
-    pairs = build_pairs("p1", "Q", ORIG, True, "easy", REFINED, "refined", NEG, betas={"small": 1.0}, gaps=("small",))
-    assert [p["gap"] for p in pairs] == ["small"]
+def test_unknown_gap_is_named():
+    with pytest.raises(ValueError, match="'huge'"):
+        build_pairs("p1", "Q", ORIG, True, "easy", REFINED, "refined", NEG, gaps=("small", "huge"))
 
 
 def test_pair_ids_stable_and_unique():

@@ -107,7 +107,7 @@ def test_pairs_follow_the_gap_table(streaming_run):
     gaps = {}
     for p in read(cfg.run_dir, "pairs"):
         gaps.setdefault(p["problem_id"], set()).add(p["gap"])
-        assert p["beta"] == {"small": 1.0, "medium": 0.5, "large": 0.2}[p["gap"]]
+        assert "beta" not in p  # resolved from the gap at train time
         assert p["chosen"] != p["rejected"]
     assert gaps["easy"] == {"small", "medium", "large"}
     assert gaps["medium"] == {"medium"}  # aligned == original, so "large" would repeat "medium"
@@ -170,10 +170,10 @@ def test_changed_config_refuses_to_mix(streaming_run, ray_local, tmp_path):
 
     run_refine(make_cfg(tmp_path, refine={"max_shards_per_run": 1}))
     with pytest.raises(ConfigChanged, match="different config"):
-        run_refine(make_cfg(tmp_path, pairs={"betas": {"large": 0.3}}))
-    res = run_refine(make_cfg(tmp_path, pairs={"betas": {"large": 0.3}}, refine={"on_config_change": "restart"}))
+        run_refine(make_cfg(tmp_path, pairs={"gaps": ["large"]}))
+    res = run_refine(make_cfg(tmp_path, pairs={"gaps": ["large"]}, refine={"on_config_change": "restart"}))
     assert res.shards_skipped == 0
-    assert {p["beta"] for p in read(Path(tmp_path / "run"), "pairs") if p["gap"] == "large"} == {0.3}
+    assert {p["gap"] for p in read(Path(tmp_path / "run"), "pairs")} == {"large"}
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(streaming_run, tmp_path):

@@ -72,10 +72,10 @@ def test_chat_template_mask_covers_response_only(tokenizer):
 
 def test_resolve_beta():
     cfg = CogPOConfig(default_beta=0.7)
-    assert resolve_beta(0.3, "small", cfg) == 0.3
-    assert resolve_beta(None, "small", cfg) == 1.0
-    assert resolve_beta(float("nan"), "large", cfg) == 0.2
-    assert resolve_beta(None, None, cfg) == 0.7
+    assert resolve_beta(0.3, "small", cfg) == (0.3, "column")
+    assert resolve_beta(None, "small", cfg) == (1.0, "gap_betas")
+    assert resolve_beta(float("nan"), "large", cfg) == (0.2, "gap_betas")
+    assert resolve_beta(None, None, cfg) == (0.7, "default_beta")
 
 
 # --- validation errors -------------------------------------------------------------------------------------
@@ -155,6 +155,23 @@ def test_tokenize_to_file_counts(tmp_path, tiny_model, ray_started):
     rows = TokenizedRows(tmp_path / "out" / "tokenized.arrow")
     assert len(rows) == 3 and rows.lengths.max() == 48
     assert report.tokens_kept == int(rows.seq_lengths.sum())
+
+
+def test_pairs_beta_from_gap_table_unless_a_beta_column_says_otherwise(tmp_path, tiny_model, ray_started):
+    from crv_ray.train.data import describe_beta_sources
+
+    f = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "chosen": ["x", "y", "z", "w"],
+                             "rejected": ["w", "z", "y", "x"], "gap": ["small", "large", None, "medium"],
+                             "beta": pa.array([None, None, None, 0.9], pa.float64())}), f)
+    cfg = CogPOConfig(gap_betas={"small": 2.0, "medium": 0.4, "large": 0.1}, default_beta=0.7, reference="online")
+    report = tokenize_to_file("pairs", f, tiny_model, cfg, tmp_path / "out")
+    assert report.beta_sources == {"gap_betas": 2, "default_beta": 1, "column": 1}
+    table = pa.ipc.open_file(str(tmp_path / "out" / "tokenized.arrow")).read_all()
+    assert "beta_source" not in table.column_names
+    assert table.column("beta").to_pylist() == pytest.approx([2.0, 0.1, 0.7, 0.9])
+    line = describe_beta_sources(report)
+    assert "2 from train.cogpo.gap_betas" in line and "1 from the pairs' own beta column" in line
 
 
 # --- batch plan --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Output schemas (Arrow/Parquet), one file per shard under refine/<name>/:
 - trace:  one row per input row, every stage's output, keyed by problem_id (see TRACE_SCHEMA).
 - sft:    problem_id, prompt, response (the aligned CoT), aligned_source (refined|original), label.
-- pairs:  pair_id, problem_id, prompt, chosen, rejected, gap (small|medium|large), beta, rejected_source.
+- pairs:  pair_id, problem_id, prompt, chosen, rejected, gap (small|medium|large), rejected_source. No beta: it is
+          resolved from the gap at train time (train.cogpo.gap_betas).
 - errors: problem_id, source (file:line), stage, reason, problem, answer_raw, cot.
 """
 
@@ -47,7 +48,7 @@ SFT_SCHEMA = pa.schema([("problem_id", pa.string()), ("prompt", pa.string()), ("
                         ("aligned_source", pa.string()), ("label", pa.string())])
 PAIRS_SCHEMA = pa.schema([("pair_id", pa.string()), ("problem_id", pa.string()), ("prompt", pa.string()),
                           ("chosen", pa.string()), ("rejected", pa.string()), ("gap", pa.string()),
-                          ("beta", pa.float64()), ("rejected_source", pa.string())])
+                          ("rejected_source", pa.string())])
 ERRORS_SCHEMA = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                            ("reason", pa.string()), ("problem", pa.string()), ("answer_raw", pa.string()),
                            ("cot", pa.string())])
@@ -96,7 +97,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
         order = [_SOURCE_NAMES[s] for s in cfg.negatives.sources]
         negative, negative_source = choose_negative(candidates, order)
         pairs = build_pairs(base["problem_id"], base["student_prompt"], base["cot"], bool(base.get("orig_correct")),
-                            base.get("label"), aligned, aligned_source, negative, betas=cfg.pairs.betas.model_dump(),
+                            base.get("label"), aligned, aligned_source, negative,
                             gaps=cfg.pairs.gaps)
         for p in pairs:
             p["rejected_source"] = "original" if p["gap"] == "small" else negative_source

@@ -6,17 +6,16 @@
 | medium | original CoT | negative CoT | original correct and a negative exists                |
 | large  | aligned CoT  | negative CoT | aligned CoT and a negative exist                      |
 
-See docs/method.md. Betas are the project's defaults (the paper's values are not published).
+See docs/method.md. A pair carries its gap, not a beta: beta is resolved at train time from
+`train.cogpo.gap_betas` (crv_ray/train/config.py), so a beta sweep needs no new refine run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 GAPS = ("small", "medium", "large")
-DEFAULT_BETAS = {"small": 1.0, "medium": 0.5, "large": 0.2}
 NEGATIVE_SOURCES = ("wrong_original", "student_sample", "injected")
 REWRITE_LABELS = ("easy", "hard")
 
@@ -52,18 +51,6 @@ def select_aligned(
     return None, None
 
 
-def validate_betas(betas: Mapping[str, float], gaps: Sequence[str]) -> None:
-    """Each requested gap is known and has a finite beta > 0."""
-    for gap in gaps:
-        if gap not in GAPS:
-            raise ValueError(f"unknown gap {gap!r}; expected one of {GAPS}")
-        if gap not in betas:
-            raise ValueError(f"betas has no value for gap {gap!r}")
-        beta = betas[gap]
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"beta for gap {gap!r} must be a finite number > 0, got {beta!r}")
-
-
 def build_pairs(
     problem_id: str,
     prompt: str,
@@ -73,7 +60,6 @@ def build_pairs(
     aligned_cot: str | None,
     aligned_source: str | None,
     negative_cot: str | None,
-    betas: Mapping[str, float] = DEFAULT_BETAS,
     gaps: Sequence[str] = GAPS,
 ) -> list[dict]:
     """The CogPO pairs of one problem, in GAPS order, restricted to `gaps`.
@@ -82,7 +68,9 @@ def build_pairs(
     (chosen, rejected): with a medium label the aligned CoT is the original, so the large pair would repeat
     the medium pair with another beta; the earlier gap in GAPS order is kept.
     """
-    validate_betas(betas, gaps)
+    for gap in gaps:
+        if gap not in GAPS:
+            raise ValueError(f"unknown gap {gap!r}; expected one of {GAPS}")
     candidates = {
         "small": (
             aligned_cot
@@ -112,7 +100,6 @@ def build_pairs(
             "chosen": chosen,
             "rejected": rejected,
             "gap": gap,
-            "beta": float(betas[gap]),
         })
     return pairs
 

@@ -46,7 +46,7 @@ def _is_done(model_dir: Path, config_hash: str) -> bool:
 def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig, stage: str, out_dir: Path,
                   config_hash: str) -> Path:
     """Tokenize once per config hash; write data_report.json (with the plan's padding fraction)."""
-    from crv_ray.train.data import tokenize_to_file
+    from crv_ray.train.data import describe_beta_sources, tokenize_to_file
 
     stage_cfg = getattr(cfg, stage)
     data_dir = out_dir / "data" / config_hash
@@ -66,6 +66,8 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     logger.info("%s data: %d rows in, %d kept, %d dropped (prompt), %d dropped (length), %d truncated, "
                 "padding %.1f%%", stage, report.rows_in, report.rows_kept, report.dropped_prompt_too_long,
                 report.dropped_too_long, report.truncated, 100 * report.padding_fraction)
+    if report.beta_sources:
+        logger.info("%s beta per pair: %s", stage, describe_beta_sources(report))
     return tokenized
 
 

@@ -144,12 +144,16 @@ def apply_length_policy(ids: list[int], prompt_len: int, cfg: _StageConfig) -> t
     return ids[: cfg.max_length], "truncated"  # max_prompt_length < max_length keeps >= 1 response token
 
 
-def resolve_beta(beta, gap, cfg: CogPOConfig) -> float:
+BETA_SOURCES = ("column", "gap_betas", "default_beta")
+
+
+def resolve_beta(beta, gap, cfg: CogPOConfig) -> tuple[float, str]:
+    """(beta, where it came from): a `beta` column value wins, then `gap_betas[gap]`, then `default_beta`."""
     if beta is not None and not (isinstance(beta, float) and math.isnan(beta)):
-        return float(beta)
+        return float(beta), "column"
     if gap is not None and gap in cfg.gap_betas:
-        return float(cfg.gap_betas[gap])
-    return float(cfg.default_beta)
+        return float(cfg.gap_betas[gap]), "gap_betas"
+    return float(cfg.default_beta), "default_beta"
 
 
 _LIST = pa.list_(pa.int32())
@@ -174,7 +178,8 @@ def tokenize_pairs_batch(tokenizer, batch: pa.Table, cfg: CogPOConfig) -> pa.Tab
     n = batch.num_rows
     betas = batch.column("beta").to_pylist() if "beta" in names else [None] * n
     gaps = batch.column("gap").to_pylist() if "gap" in names else [None] * n
-    cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": [], "status": [], "beta": [], "gap": []}
+    cols = {"chosen_ids": [], "rejected_ids": [], "prompt_len": [], "status": [], "beta": [], "gap": [],
+            "beta_source": []}
     for i, (prompt, chosen, rejected) in enumerate(zip(batch.column("prompt").to_pylist(),
                                                        batch.column("chosen").to_pylist(),
                                                        batch.column("rejected").to_pylist())):
@@ -189,14 +194,17 @@ def tokenize_pairs_batch(tokenizer, batch: pa.Table, cfg: CogPOConfig) -> pa.Tab
         cols["rejected_ids"].append([] if dropped else r_kept)
         cols["prompt_len"].append(plen)
         cols["status"].append(status)
-        cols["beta"].append(resolve_beta(betas[i], gaps[i], cfg))
+        beta, source = resolve_beta(betas[i], gaps[i], cfg)
+        cols["beta"].append(beta)
+        cols["beta_source"].append(source)
         cols["gap"].append(gaps[i] if gaps[i] is not None else "none")
     table = pa.table({"chosen_ids": pa.array(cols["chosen_ids"], _LIST),
                       "rejected_ids": pa.array(cols["rejected_ids"], _LIST),
                       "prompt_len": pa.array(cols["prompt_len"], pa.int32()),
                       "status": pa.array(cols["status"], pa.string()),
                       "beta": pa.array(cols["beta"], pa.float32()),
-                      "gap": pa.array(cols["gap"], pa.string())})
+                      "gap": pa.array(cols["gap"], pa.string()),
+                      "beta_source": pa.array(cols["beta_source"], pa.string())})
     for col in REF_COLUMNS:
         if col in names:
             table = table.append_column(col, batch.column(col).cast(pa.float64()))
@@ -236,9 +244,25 @@ class DataReport:
     padding_fraction: float | None = None  # filled in by the trainer's plan (depends on world size and batch)
     steps_per_epoch: int | None = None
     per_gap_rows: dict[str, int] = field(default_factory=dict)
+    beta_sources: dict[str, int] = field(default_factory=dict)  # pairs: kept rows per BETA_SOURCES entry
+    gap_betas: dict[str, float] | None = None  # pairs: the table used for rows without a beta column value
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def describe_beta_sources(report: DataReport) -> str:
+    """One line saying where the kept pairs' betas came from, e.g. for the training log."""
+    parts = []
+    for src in BETA_SOURCES:
+        n = report.beta_sources.get(src, 0)
+        if not n:
+            continue
+        where = {"column": "the pairs' own beta column",
+                 "gap_betas": f"train.cogpo.gap_betas {report.gap_betas}",
+                 "default_beta": "train.cogpo.default_beta (no beta, no known gap)"}[src]
+        parts.append(f"{n} from {where}")
+    return "; ".join(parts)
 
 
 def read_parquet_dataset(files: list[Path], columns: list[str] | None = None):
@@ -270,7 +294,8 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
 
     report = DataReport(kind=kind, source=str(data_path), rows_in=rows_in,
-                        truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length)
+                        truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length,
+                        gap_betas=dict(stage_cfg.gap_betas) if kind == "pairs" else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (TOKENIZED_FILE + ".tmp")
     writer = None
@@ -282,6 +307,10 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
         report.dropped_too_long += pc.sum(pc.equal(status, "dropped_length")).as_py() or 0
         report.truncated += pc.sum(pc.equal(status, "truncated")).as_py() or 0
         kept = batch.filter(pc.invert(pc.starts_with(status, "dropped"))).drop_columns(["status"])
+        if "beta_source" in kept.column_names:
+            for vc in pc.value_counts(kept.column("beta_source")).to_pylist():
+                report.beta_sources[vc["values"]] = report.beta_sources.get(vc["values"], 0) + vc["counts"]
+            kept = kept.drop_columns(["beta_source"])
         if kept.num_rows == 0:
             continue
         kept = kept.combine_chunks()
