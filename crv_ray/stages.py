@@ -1,4 +1,4 @@
-"""The run's stages in order (refine -> sft -> reference log-probs -> cogpo), each reading the previous one's
+"""The run's stages in order (refine -> sft -> reference log-probs -> cogpo -> eval), each reading the previous one's
 datasets from the run directory and skipped when its outputs are complete for the same config."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 from crv_ray.config import RunConfig
 
 
-def stage_paths(cfg: RunConfig) -> dict[str, Path]:
-    run = Path(cfg.run_dir)
+def stage_paths(cfg: RunConfig | str | Path) -> dict[str, Path]:
+    """Where each stage writes, from a config or a run directory (`crv-ray report` has only the latter)."""
+    run = Path(cfg.run_dir if isinstance(cfg, RunConfig) else cfg)
     return {
         "refine": run / "refine",
         "sft_data": run / "refine" / "sft",
@@ -18,6 +19,7 @@ def stage_paths(cfg: RunConfig) -> dict[str, Path]:
         "sft": run / "sft",
         "ref_pairs": run / "ref_logps" / "pairs.parquet",
         "cogpo": run / "cogpo",
+        "eval": run / "eval",
     }
 
 
@@ -56,9 +58,12 @@ def run_train_stage(cfg: RunConfig, stage: str) -> dict[str, Path]:
 
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
+    from crv_ray.eval.runner import eval_engine, run_eval_stage
     from crv_ray.refine.runner import run_refine
 
     t0 = time.time()
+    if cfg.eval.enabled:
+        eval_engine(cfg)  # a bad eval.engine fails now, not after training
     print(f"[run] 1/3 refine -> {stage_paths(cfg)['refine']}", flush=True)
     res = run_refine(cfg)
     rec = res.manifest["reconciliation"]
@@ -72,9 +77,26 @@ def run_all(cfg: RunConfig) -> dict[str, Path]:
     out.update(run_train_stage(cfg, "sft"))
     if rec["pairs_rows"] == 0:
         print("[run] no preference pairs: CogPO skipped", flush=True)
-        return out
-    print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {stage_paths(cfg)['cogpo']}  [{time.time() - t0:.0f}s]",
-          flush=True)
-    out.update(run_train_stage(cfg, "cogpo"))
+    else:
+        print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {stage_paths(cfg)['cogpo']}  [{time.time() - t0:.0f}s]",
+              flush=True)
+        out.update(run_train_stage(cfg, "cogpo"))
+    print(f"[run] eval -> {stage_paths(cfg)['eval']}  [{time.time() - t0:.0f}s]", flush=True)
+    out.update(run_eval_stage(cfg))
+    out.update(write_run_report(cfg))
     print(f"[run] done in {time.time() - t0:.0f}s", flush=True)
     return out
+
+
+def write_run_report(cfg: RunConfig) -> dict[str, Path]:
+    """`<run_dir>/report.html` at the end of a run. The run's outputs are complete by then, so a failing report
+    (a missing plotting library, an odd file) is a printed warning with its reason, never a failed run."""
+    try:
+        from crv_ray.report import write_report
+
+        path = write_report(cfg.run_dir)
+    except Exception as e:  # noqa: BLE001 - any report error must leave the finished run successful
+        print(f"[run] warning: no report written: {type(e).__name__}: {e}", flush=True)
+        return {}
+    print(f"[run] report -> {path}", flush=True)
+    return {"report": path}
