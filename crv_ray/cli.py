@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_refine)
 
     sp = sub.add_parser("train", help="SFT or CogPO training on Ray Train")
-    sp.add_argument("stage", choices=["sft", "cogpo"])
+    sp.add_argument("stage", metavar="STAGE", help="sft, cogpo, or the name of a train.cogpo_variants entry")
     add_common(sp)
     sp.set_defaults(fn=cmd_train)
 

@@ -100,10 +100,18 @@ class RoleConfig(_Strict):
 
 
 class CriticConfig(RoleConfig):
-    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=16))
+    # Sized for a reasoning critic, which thinks before its one-word label (16 tokens cut it inside <think>, every
+    # reply falls back). An instruct critic under structured output `choice` stops after the label anyway.
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=1024),
+                               description="Critic sampling; max_tokens must leave room for a reasoning model's <think>.")
     max_parse_retries: int = Field(1, ge=0, description="Extra critic calls for replies with no parseable label.")
     fallback_label: Literal["easy", "medium", "hard", "error"] = Field(
-        "medium", description="Label used when no attempt parses; 'error' sends the row to errors instead."
+        "error", description="When no attempt parses: 'error' sends the row to errors; a label is used instead (a "
+        "silent 'medium' turns CRV into plain SFT for that row)."
+    )
+    max_fallback_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Stop the run when more than this share of the rows the critic was asked "
+        "about in the run's first shard got no parseable label (whatever fallback_label says); 1.0 never stops."
     )
 
 
@@ -114,7 +122,8 @@ class RethinkerConfig(RoleConfig):
     repair_wrong_original: bool = Field(
         True, description="Also ask the rethinker to repair originals whose final answer is wrong."
     )
-    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=1024))
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=2048),
+                               description="Rethinker sampling; a reasoning model thinks before it writes the rewrite.")
 
 
 class VerifierConfig(RoleConfig):
@@ -124,7 +133,11 @@ class VerifierConfig(RoleConfig):
         default_factory=lambda: ["rule", "llm"], description="Checks that must pass for a CoT to be accepted."
     )
     max_rounds: int = Field(2, ge=1, le=8, description="Rethink-verify rounds before a CoT is given up.")
-    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=128))
+    prompt_no_answer: Path | None = Field(
+        None, description="Override for the template that judges originals with no readable final answer "
+        "(input.on_no_answer=judge; packaged: judge_original.j2).")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(max_tokens=1024),
+                               description="Judge sampling; room for a reasoning model's <think> before the verdict.")
 
     @model_validator(mode="after")
     def _required_checks_enabled(self) -> "VerifierConfig":
@@ -154,7 +167,8 @@ class StudentSamplesConfig(_Strict):
 
 
 class InjectorConfig(RoleConfig):
-    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=1024))
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=2048),
+                               description="Injector sampling; a reasoning model thinks before it writes.")
 
 
 class NegativesConfig(_Strict):
@@ -258,6 +272,10 @@ class AnswersConfig(_Strict):
 
 
 # ---------------------------------------------------------------- run-level
+# Here, not at the top: crv_ray.eval.config builds on the classes above (see crv_ray/eval/__init__.py).
+from crv_ray.eval.config import EvalConfig  # noqa: E402
+
+
 class StudentConfig(_Strict):
     name: str = Field(..., description="Student name as the critic prompt shows it, e.g. Qwen2.5-7B-Instruct.")
     size: str = Field(..., description="Student size as the critic prompt shows it, e.g. 7B.")
@@ -280,6 +298,11 @@ class RefineConfig(_Strict):
     )
     student_prompt: Path | None = Field(None, description="Override for the student prompt template.")
     max_shards_per_run: int | None = Field(None, ge=1, description="Stop after this many shards (for batch jobs and tests).")
+    response_format: Literal["keep", "strip_think", "wrap_think"] = Field(
+        "keep", description="Text of sft responses and pairs' chosen/rejected: keep = as written (an R1-style "
+        "'<think>reasoning</think> answer' stays so, rewrites included); strip_think = without think blocks (the "
+        "reasoning untagged where nothing follows them); wrap_think = '<think>reasoning</think> final answer'.",
+    )
 
 
 class RayConfig(_Strict):
@@ -303,6 +326,7 @@ class RunConfig(_Strict):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks evaluated by `crv-ray eval` and at the end of `crv-ray run`.")
 
     @model_validator(mode="after")
     def _engines_exist(self) -> "RunConfig":
@@ -326,13 +350,23 @@ class RunConfig(_Strict):
                 raise ValueError(f"{field} = {name!r} is not defined in engines (defined: {sorted(self.engines)})")
         return self
 
+    @model_validator(mode="after")
+    def _eval_models_exist(self) -> "RunConfig":
+        known = ["base", "sft", "cogpo", *self.train.cogpo_variants]
+        for name in self.eval.models:
+            if name not in known:
+                raise ValueError(f"eval.models: {name!r} is not a model of this run (known: {known}; a variant "
+                                 "needs an entry in train.cogpo_variants)")
+        return self
+
     def refine_hash(self) -> str:
         """Hash of everything that changes refine outputs (not where or how fast it runs)."""
         d = self.model_dump(mode="json")
-        for key in ("ray", "train", "run_dir"):
+        for key in ("ray", "train", "run_dir", "eval"):
             d.pop(key, None)
         for key in ("watchdog_s", "startup_timeout_s", "max_shards_per_run", "on_config_change"):
             d["refine"].pop(key, None)
+        d["roles"]["critic"].pop("max_fallback_rate", None)  # decides whether a run stops, not what it writes
         return _hash(d)
 
 

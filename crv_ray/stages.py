@@ -19,8 +19,17 @@ def stage_paths(cfg: RunConfig | str | Path) -> dict[str, Path]:
         "sft": run / "sft",
         "ref_pairs": run / "ref_logps" / "pairs.parquet",
         "cogpo": run / "cogpo",
+        "variants": run / "variants",
         "eval": run / "eval",
     }
+
+
+def model_dir(cfg: RunConfig, name: str) -> Path:
+    """Where a trained model of the run is exported: sft, cogpo or a cogpo variant's name."""
+    paths = stage_paths(cfg)
+    if name in ("sft", "cogpo"):
+        return paths[name] / "model"
+    return paths["variants"] / name / "model"
 
 
 def _student_dir(cfg: RunConfig) -> Path:
@@ -54,7 +63,30 @@ def run_train_stage(cfg: RunConfig, stage: str) -> dict[str, Path]:
         model = api.run_cogpo(cfg.train, sft_model, ref, paths["cogpo"])
         return {"ref log-probs": ref, "cogpo model": model, "metrics": paths["cogpo"] / "metrics.jsonl",
                 "checkpoints": paths["cogpo"] / "checkpoints"}
-    raise ValueError(f"unknown training stage {stage!r} (sft or cogpo)")
+    if stage in cfg.train.cogpo_variants:
+        return _run_variant(cfg, stage)
+    raise ValueError(f"unknown training stage {stage!r} (sft, cogpo or a train.cogpo_variants name: "
+                     f"{sorted(cfg.train.cogpo_variants)})")
+
+
+def _run_variant(cfg: RunConfig, name: str) -> dict[str, Path]:
+    """A cogpo variant: same SFT model and pairs, other cogpo settings. The reference log-probs are shared with
+    `cogpo` unless the variant changes how pairs are cut to length (then its own are computed)."""
+    from crv_ray.train import api
+    from crv_ray.train.config import variant_config
+
+    paths = stage_paths(cfg)
+    train = variant_config(cfg.train, name)
+    out_dir = paths["variants"] / name
+    sft_model = paths["sft"] / "model"
+    if not sft_model.exists():
+        raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
+    length_keys = {"max_length", "max_prompt_length", "truncation"}
+    same_lengths = all(getattr(train.cogpo, k) == getattr(cfg.train.cogpo, k) for k in length_keys)
+    ref = api.run_ref_logps(train, sft_model, paths["pairs"],
+                            paths["ref_pairs"] if same_lengths else out_dir / "ref_logps" / "pairs.parquet")
+    model = api.run_cogpo(train, sft_model, ref, out_dir)
+    return {f"{name} model": model, f"{name} metrics": out_dir / "metrics.jsonl"}
 
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
@@ -81,6 +113,10 @@ def run_all(cfg: RunConfig) -> dict[str, Path]:
         print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {stage_paths(cfg)['cogpo']}  [{time.time() - t0:.0f}s]",
               flush=True)
         out.update(run_train_stage(cfg, "cogpo"))
+        for name in cfg.train.cogpo_variants:
+            print(f"[run] cogpo variant {name} -> {stage_paths(cfg)['variants'] / name}  [{time.time() - t0:.0f}s]",
+                  flush=True)
+            out.update(run_train_stage(cfg, name))
     print(f"[run] eval -> {stage_paths(cfg)['eval']}  [{time.time() - t0:.0f}s]", flush=True)
     out.update(run_eval_stage(cfg))
     out.update(write_run_report(cfg))

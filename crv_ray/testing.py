@@ -2,6 +2,9 @@
 
 Behaviour is steered by tags in the problem text, e.g. "[label=easy]", "[critic=garbage]", "[verify=fail1]",
 "[student=right]", so one input file can force each branch of the role logic through the real Ray Data stages.
+Reasoning-model behaviour: "[critic=cutoff]" (a critic cut off inside <think>), "[rethink=think]" (an agent that
+thinks, then writes a rewrite in <think> format between <rewrite> markers), "[rethink=leak]" (a rewrite that copies
+the prompt's scaffolding back). `counted_replies` also records every call in a named Ray actor (`CallLog`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
     if stage.startswith("critic"):
         if _tag(row, "critic") == "garbage":
             return "I am not sure what to say."
+        if _tag(row, "critic") == "cutoff":  # a reasoning critic with too small a max_tokens
+            return "<think>\nOkay, let me look at this chain of thought. The student is a small model, so the"
         if _tag(row, "critic") == "garbage_once" and stage == "critic_a0":
             return "Hmm."
         return f"Label: {_tag(row, 'label') or _default_label(row)}"
@@ -51,7 +56,19 @@ def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
             steps.insert(max(len(steps) - 1, 0), "Let me check this intermediate step carefully.")
         else:
             steps = steps[-2:] if len(steps) > 2 else steps
+        if _tag(row, "rethink") == "leak":  # the scaffolding copied back, as a small model does
+            return (f"The original reasoning is: {steps[0]}\n\nThe gold answer is: {gold}.\n\n"
+                    + _with_answer("\n\n".join(steps), gold))
+        if _tag(row, "rethink") == "think":  # a reasoning agent: its own thinking, then a think-format rewrite
+            reasoning = "\n\n".join(s for s in steps if "\\boxed" not in s)
+            return ("<think>\nThe student needs more steps. I should keep the answer format.\n</think>\n\n"
+                    f"<rewrite>\n<think>\n{reasoning}\n</think>\n\nThe final answer is \\boxed{{{gold}}}.\n</rewrite>")
         return "Here is the rewritten reasoning:\n\n" + _with_answer("\n\n".join(steps), gold)
+    if stage == "judge_original":  # an original with no readable final answer (input.on_no_answer=judge)
+        verdict = _tag(row, "judge") or ("pass" if gold in row["cot"][-200:] else "fail")
+        if verdict == "pass":
+            return f"VERDICT: PASS\nREASON: the solution concludes with {gold}."
+        return "VERDICT: FAIL\nREASON: the solution never states the gold answer."
     if stage.startswith("verify"):
         rnd = int(stage.rsplit("r", 1)[1])
         if _tag(row, "verify") == "fail1" and rnd == 1:
@@ -66,5 +83,37 @@ def tagged_replies(stage: str, row: dict, messages: list[dict]) -> str:
     if stage == "student":
         if _tag(row, "student") == "right":
             return f"Easy. \\boxed{{{gold}}}"
+        if _tag(row, "student") == "none":  # a sample that never states an answer: no negative
+            return "Let me think about how the numbers relate to each other"
         return f"I think it is \\boxed{{{_off_by_one(gold)}}}"
     raise ValueError(f"no scripted reply for stage {stage}")
+
+
+CALL_LOG = "crv_ray_scripted_call_log"
+
+
+class CallLog:
+    """Every scripted call as (stage, problem_id); start it as a named Ray actor with `start_call_log()`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def add(self, stage: str, problem_id: str) -> None:
+        self.calls.append((stage, problem_id))
+
+    def get(self) -> list[tuple[str, str]]:
+        return list(self.calls)
+
+
+def start_call_log():
+    import ray
+
+    return ray.remote(CallLog).options(name=CALL_LOG).remote()
+
+
+def counted_replies(stage: str, row: dict, messages: list[dict]) -> str:
+    """`tagged_replies`, recording each call in the CallLog actor (scripted stages run in Ray workers)."""
+    import ray
+
+    ray.get(ray.get_actor(CALL_LOG).add.remote(stage, row["problem_id"]))
+    return tagged_replies(stage, row, messages)

@@ -104,8 +104,8 @@ def test_normalize_gold():
 )
 def test_equivalent_answers_are_correct(response, gold):
     res = check_answer(response, gold)
-    assert res.correct, res
-    assert res.method in ("math_verify", "string")
+    assert res.correct and res.status == "correct", res
+    assert res.method.split(":")[1] in ("math_verify", "string", "numeric")
 
 
 @pytest.mark.parametrize(
@@ -121,18 +121,21 @@ def test_equivalent_answers_are_correct(response, gold):
 )
 def test_wrong_answers_are_not_correct(response, gold):
     res = check_answer(response, gold)
-    assert res == AnswerCheck(predicted=res.predicted, correct=False, method=res.method)
-    assert res.predicted is not None
+    assert res == AnswerCheck(status="wrong", predicted=res.predicted, method=res.method)
+    assert res.predicted is not None and not res.correct
 
 
 def test_no_answer():
-    assert check_answer("I am not sure.", "18") == AnswerCheck(predicted=None, correct=False, method="no_answer")
-    assert check_answer("", "18").method == "no_answer"
+    res = check_answer("I am not sure.", "18")
+    assert (res.status, res.predicted, res.method) == ("no_answer", None, "no_answer") and not res.correct
+    assert "no final answer found" in res.reason
+    assert check_answer("", "18").status == "no_answer"
 
 
 def test_odd_input_never_raises():
-    assert check_answer(None, "18").method == "no_answer"  # type: ignore[arg-type]
-    assert not check_answer(r"\boxed{18}", "").correct  # an empty gold matches nothing
+    assert check_answer(None, "18").status == "no_answer"  # type: ignore[arg-type]
+    bad_gold = check_answer(r"\boxed{18}", "")  # an empty gold matches nothing: the check failed, not the CoT
+    assert bad_gold.status == "error" and "bad gold answer" in bad_gold.reason
     assert check_answer(r"\boxed{\frac{1}{}}", "1").correct is False
     assert check_answer("\\boxed{" + "(" * 300 + "}", "1").correct is False
 
@@ -190,5 +193,5 @@ def test_pathological_answers_return_fast(answer):
 def test_huge_response_is_linear():
     start = time.perf_counter()
     assert check_answer("\\boxed{1} " * 20000, "1").correct
-    assert check_answer("\\boxed{" * 20000, "1").method == "no_answer"
+    assert check_answer("\\boxed{" * 20000, "1").status == "no_answer"
     assert time.perf_counter() - start < 1.0

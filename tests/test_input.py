@@ -93,3 +93,49 @@ def test_gsm8k_slice_through_column_mapping(tmp_path):
     assert len(recs) == 30 and all(r["error"] is None for r in recs)
     assert recs[0]["answer"] == "18"
     assert all(r["answer"].lstrip("-").replace(".", "").isdigit() for r in recs)
+
+
+def test_an_id_column_is_the_problem_id_by_default(tmp_path):
+    f = tmp_path / "with_ids.jsonl"
+    rows = [{"id": "gsm-1", "problem": "p1", "answer": "1", "cot": "\\boxed{1}"},
+            {"id": 7, "problem": "p2", "answer": "2", "cot": "\\boxed{2}"},  # an integer id
+            {"problem": "p3", "answer": "3", "cot": "\\boxed{3}"},  # no id in this row: hashed
+            {"id": "gsm-1", "problem": "p4", "answer": "4", "cot": "\\boxed{4}"},  # repeated id
+            {"id": "", "problem": "p5", "answer": "5", "cot": "\\boxed{5}"}]  # an empty id
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = list(read_problems(InputConfig(source="file", path=str(f))))
+    assert [r["problem_id"] for r in recs[:3]] == ["gsm-1", "7", stable_problem_id("p3", "3")]
+    assert recs[3]["problem_id"].startswith("gsm-1#dup-")
+    assert "duplicate problem_id 'gsm-1' (first seen at with_ids.jsonl:1)" in recs[3]["error"]
+    assert "id field 'id' is empty" in recs[4]["error"] and "with_ids.jsonl:5" in recs[4]["error"]
+    assert len({r["problem_id"] for r in recs}) == len(recs)
+    assert [r["error"] is None for r in recs] == [True, True, True, False, False]
+    # null: ids are hashed even where an id column exists.
+    hashed = list(read_problems(InputConfig(source="file", path=str(f), columns={"id": None})))
+    assert hashed[0]["problem_id"] == stable_problem_id("p1", "1")
+
+
+def test_a_named_id_column_is_required(tmp_path):
+    f = tmp_path / "uid.jsonl"
+    f.write_text(json.dumps({"uid": "a", "problem": "p", "answer": "1", "cot": "c"}) + "\n"
+                 + json.dumps({"problem": "q", "answer": "2", "cot": "c"}) + "\n"
+                 + json.dumps({"uid": ["x"], "problem": "r", "answer": "3", "cot": "c"}) + "\n")
+    recs = list(read_problems(InputConfig(source="file", path=str(f), columns={"id": "uid"})))
+    assert recs[0]["problem_id"] == "a" and recs[0]["error"] is None
+    assert "uid.jsonl:2: id field 'uid' is missing" in recs[1]["error"]
+    assert "id field 'uid' is a list" in recs[2]["error"]
+    pf = tmp_path / "no_uid.parquet"
+    pq.write_table(pa.table({"problem": ["p"], "answer": ["1"], "cot": ["c"]}), pf)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['uid'\]"):
+        list(read_problems(InputConfig(source="file", path=str(pf), columns={"id": "uid"})))
+
+
+def test_parquet_without_an_id_column_hashes_ids(tmp_path):
+    f = tmp_path / "no_id.parquet"
+    pq.write_table(pa.table({"problem": ["p1"], "answer": ["1"], "cot": ["\\boxed{1}"]}), f)
+    recs = list(read_problems(InputConfig(source="file", path=str(f))))
+    assert recs[0]["problem_id"] == stable_problem_id("p1", "1") and recs[0]["error"] is None
+    with_ids = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"id": [11, 12], "problem": ["p1", "p2"], "answer": ["1", "2"], "cot": ["c", "c"]}),
+                   with_ids)
+    assert [r["problem_id"] for r in read_problems(InputConfig(source="file", path=str(with_ids)))] == ["11", "12"]

@@ -115,6 +115,25 @@ REWRITE_CASES = [
     ("```python\nprint(1)\n```\nThen\n```python\nprint(2)\n```", "```python\nprint(1)\n```\nThen\n```python\nprint(2)\n```"),
     ("Note {{ x }} and $\\frac{1}{2}$.\n\n\\boxed{\\frac12}\n\nI hope this helps!",
      "Note {{ x }} and $\\frac{1}{2}$.\n\n\\boxed{\\frac12}"),
+    # A reasoning agent: its own leading thinking is dropped, whatever follows is the rewrite.
+    ("<think>The student needs more steps.</think>\n\nStep 1.\n\n\\boxed{2}", "Step 1.\n\n\\boxed{2}"),
+    ("The student needs more steps.\n</think>\n\nStep 1.\n\n\\boxed{2}", "Step 1.\n\n\\boxed{2}"),
+    ("<think>The student needs more steps, so I", None),  # cut off inside its own thinking
+    # ... and a rewrite in think format after it keeps its think block.
+    ("<think>plan</think>\n<think>\nStep 1.\n</think>\n\n\\boxed{2}", "<think>\nStep 1.\n</think>\n\n\\boxed{2}"),
+    # Markers: their content, verbatim, think tags included.
+    ("<think>plan</think>\n<rewrite>\n<think>\nStep 1.\n</think>\n\n\\boxed{2}\n</rewrite>",
+     "<think>\nStep 1.\n</think>\n\n\\boxed{2}"),
+    ("<rewrite>\n<think>\nStep 1.\n</think>\n\n\\boxed{2}\n</rewrite>", "<think>\nStep 1.\n</think>\n\n\\boxed{2}"),
+    ("Sure!\n<rewrite>Step 1.\n\n\\boxed{2}</rewrite>\nLet me know.", "Step 1.\n\n\\boxed{2}"),
+    ("<rewrite>\nStep 1.\n\n\\boxed{2}", "Step 1.\n\n\\boxed{2}"),  # never closed: to the end
+    ("Step 1.\n\n\\boxed{2}\n</rewrite>", "Step 1.\n\n\\boxed{2}"),  # only the closing marker
+    # A draft between markers inside the agent's thinking is not the rewrite; the final one is.
+    ("<think>Draft: <rewrite>Step 0.</rewrite> no, better:</think>\n<rewrite>Step 1.\n\n\\boxed{2}</rewrite>",
+     "Step 1.\n\n\\boxed{2}"),
+    ("<think>Draft: <rewrite>Step 0.</rewrite> hmm</think>\n\nStep 1.\n\n\\boxed{2}", "Step 1.\n\n\\boxed{2}"),
+    # An R1-style rewrite that is only a think block (no answer part) keeps its tags.
+    ("<rewrite><think>Step 1. \\boxed{2}</think></rewrite>", "<think>Step 1. \\boxed{2}</think>"),
 ]
 
 
@@ -135,6 +154,20 @@ def test_extract_rewrite(reply, expected):
 )
 def test_strip_think(text, expected):
     assert strip_think(text) == expected
+
+
+# Every role's reply is read after its <think>: a reasoning model's deliberation, closed or cut off, never decides.
+THINKING = "<think>\nHmm, is it easy or hard? The verdict could be PASS or FAIL. VERDICT: PASS\n</think>\n\n"
+CUT_OFF = "<think>\nOkay, let me see. Label: easy? VERDICT: PASS? The student"
+
+
+def test_every_parser_reads_after_the_thinking():
+    assert parse_label(THINKING + "hard") == "hard"
+    assert parse_label(CUT_OFF) is None
+    assert parse_verdict(THINKING + "VERDICT: FAIL\nREASON: step 2 is wrong.") == Verdict(False, "step 2 is wrong.")
+    assert parse_verdict(CUT_OFF).passed is None
+    assert extract_rewrite(THINKING + "Step 1.\n\n\\boxed{2}") == "Step 1.\n\n\\boxed{2}"
+    assert extract_rewrite(CUT_OFF) is None
 
 
 @pytest.mark.parametrize("junk", ["{", "}{", "\x00", "<think>", "</think>", "```", "VERDICT:", "{\"verdict\": 1}", "\\"])

@@ -28,14 +28,15 @@ def test_tiny_model_through_every_stage(ray_local, tmp_path):
     assert rec["rows_in"] == 8 and rec["trace_rows"] == 8 and rec["balanced"] and rec["complete"]
     trace = read(cfg.run_dir, "trace")
     assert {r["status"] for r in trace} <= {"ok", "error"}
-    # Structured output forces a label even from a random model.
-    assert all(r["label"] in ("easy", "medium", "hard") and r["label_source"] == "critic"
-               for r in trace if r["status"] == "ok")
-    assert all(len(r["critic_raw"]) >= 1 and r["critic_raw"][0] for r in trace if r["status"] == "ok")
+    # Structured output forces a label even from a random model; wrong originals are not judged (never aligned).
+    judged = [r for r in trace if r["status"] == "ok" and r["orig_correct"] is not False]
+    assert judged and all(r["label"] in ("easy", "medium", "hard") and r["label_source"] == "critic" for r in judged)
+    assert all(len(r["critic_raw"]) >= 1 and r["critic_raw"][0] for r in judged)
     assert m["tokens"]["critic"]["prompt"] > 0 and m["tokens"]["critic"]["completion"] > 0
     # The 2 wrong synthetic CoTs are repaired or not, but are never "aligned" as they are.
     wrong = [r for r in trace if r["orig_correct"] is False]
     assert len(wrong) == 2 and all(r["aligned_source"] != "original" for r in wrong)
+    assert all(r["label"] is None and not r["critic_raw"] for r in wrong)
     assert all(r["negative_source"] == "wrong_original" for r in wrong)
     assert all(r["critic_model"] == "builtin:tiny" for r in trace)
     # ray.data.llm writes its own templated "prompt" into rows: ours must survive every engine stage untouched.
@@ -59,7 +60,8 @@ def test_cot_longer_than_context_is_quarantined(ray_local, tmp_path):
     cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
                       [f"run_dir={tmp_path / 'run'}", "input.source=file", f"input.path={inp}",
                        "engines.agent.max_model_len=1024", "refine.mode=staged", "negatives.sources=[wrong_original]",
-                       "roles.verifier.llm_judge=false", "roles.verifier.require=[rule]"])
+                       "roles.verifier.llm_judge=false", "roles.verifier.require=[rule]",
+                       "input.on_no_answer=drop"])
     res = run_refine(cfg)
     errors = read(cfg.run_dir, "errors")
     assert len(errors) == 1 and errors[0]["stage"] == "context"

@@ -21,16 +21,27 @@ def test_run_whole_chain_then_skip(tmp_path, capsys):
     args = ["run", str(ROOT / "jobs" / "configs" / "tiny_scripted.yaml"), "--set", f"run_dir={run_dir}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for name in ("sft model", "cogpo model", "ref log-probs", "manifest"):
+    for name in ("sft model", "cogpo model", "dpo model", "ref log-probs", "manifest", "report"):
         assert name in out
     refine = run_dir / "refine"
     assert pq.read_table(refine / "pairs").num_rows > 0
     assert {"small", "medium", "large"} <= set(pq.read_table(refine / "pairs").column("gap").to_pylist())
-    for stage in ("sft", "cogpo"):
+    for stage in ("sft", "cogpo", "variants/dpo"):
         model = run_dir / stage / "model"
         assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
         metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         assert metrics, stage
+    # The DPO variant shares the reference log-probs and trains with one beta; CogPO with the per-gap table.
+    assert not (run_dir / "variants" / "dpo" / "ref_logps").exists()
+    dpo_report = json.loads((run_dir / "variants" / "dpo" / "data_report.json").read_text())
+    assert dpo_report["gap_betas"] == {"small": 0.5, "medium": 0.5, "large": 0.5}
+    assert dpo_report["beta_sources"] == {"gap_betas": dpo_report["rows_kept"]}
+    cogpo_report = json.loads((run_dir / "cogpo" / "data_report.json").read_text())
+    assert cogpo_report["gap_betas"] == {"small": 1.0, "medium": 0.5, "large": 0.2}
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert [(r["model"], r["benchmark"], r["n_problems"]) for r in summary["results"]] == [("cogpo", "gsm8k", 2)]
+    html = (run_dir / "report.html").read_text()
+    assert 'id="fig-cogpo-loss"' in html and 'id="fig-pairs"' in html
     ref = pq.read_table(run_dir / "ref_logps" / "pairs.parquet")
     assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(ref.column_names)
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("model.safetensors")}

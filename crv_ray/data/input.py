@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from crv_ray.answers import normalize_gold
-from crv_ray.config import InputConfig
+from crv_ray.config import ColumnMap, InputConfig
+
+DEFAULT_ID_COLUMN = ColumnMap.model_fields["id"].default
 
 
 def stable_problem_id(problem: str, answer: str) -> str:
@@ -74,7 +76,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
                 yield loc, row, None
 
 
-def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+def _iter_parquet(path: Path, columns: list[str], optional: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
     import pyarrow.parquet as pq
 
     for f in _files(path, ("*.parquet", "*.pq")):
@@ -83,13 +85,14 @@ def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[str, dict | 
         if missing:
             raise ValueError(f"input file {f} has no column(s) {missing}; it has {pf.schema_arrow.names} (see input.columns)")
         i = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        present = columns + [c for c in optional if c in pf.schema_arrow.names and c not in columns]
+        for batch in pf.iter_batches(columns=present, batch_size=1024):
             for row in batch.to_pylist():
                 i += 1
                 yield f"{f.name}:row{i}", row, None
 
 
-def _iter_hf(path: str, split: str, columns: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+def _iter_hf(path: str, split: str, columns: list[str], optional: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
     import datasets
 
     p = Path(path)
@@ -104,7 +107,8 @@ def _iter_hf(path: str, split: str, columns: list[str]) -> Iterator[tuple[str, d
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"dataset {path} has no column(s) {missing}; it has {ds.column_names} (see input.columns)")
-    for i, row in enumerate(ds.select_columns(columns)):
+    present = columns + [c for c in optional if c in ds.column_names and c not in columns]
+    for i, row in enumerate(ds.select_columns(present)):
         yield f"{Path(path).name}:row{i + 1}", row, None
 
 
@@ -117,10 +121,16 @@ def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]
             yield f"synthetic:{i + 1}", row, None
         return
     cols = cfg.columns
-    wanted = [cols.problem, cols.answer, cols.cot] + ([cols.id] if cols.id else [])
+    wanted = list(dict.fromkeys([cols.problem, cols.answer, cols.cot]))
+    # The default id column ("id") is read where it exists; a column named in the config must exist.
+    optional: list[str] = []
+    if cols.id == DEFAULT_ID_COLUMN:
+        optional.append(cols.id)
+    elif cols.id:
+        wanted.append(cols.id)
     path = Path(cfg.path)  # type: ignore[arg-type]
     if cfg.source == "hf":
-        yield from _iter_hf(cfg.path, cfg.split, wanted)  # type: ignore[arg-type]
+        yield from _iter_hf(cfg.path, cfg.split, wanted, optional)  # type: ignore[arg-type]
         return
     if not path.exists():
         raise ValueError(f"input.path {path} does not exist")
@@ -128,9 +138,9 @@ def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]
     if fmt == "jsonl":
         yield from _iter_jsonl(path)
     elif fmt == "parquet":
-        yield from _iter_parquet(path, wanted)
+        yield from _iter_parquet(path, wanted, optional)
     else:
-        yield from _iter_hf(str(path), cfg.split, wanted)
+        yield from _iter_hf(str(path), cfg.split, wanted, optional)
 
 
 def _field(row: dict, name: str, loc: str) -> tuple[str | None, str | None]:
@@ -146,6 +156,22 @@ def _field(row: dict, name: str, loc: str) -> tuple[str | None, str | None]:
     if not v.strip():
         return None, f"{loc}: field {name!r} is empty"
     return v, None
+
+
+def _user_id(row: dict, column: str | None, loc: str) -> tuple[str | None, str | None]:
+    """(the row's own id, error). The default column "id" may be absent (the id is hashed then); a column named
+    in input.columns.id must hold a non-empty string or integer in every row."""
+    if not column:
+        return None, None
+    if column not in row and column == DEFAULT_ID_COLUMN:
+        return None, None
+    v = row.get(column)
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or not str(v).strip():
+        what = "missing" if column not in row else ("null" if v is None else
+                                                   "empty" if isinstance(v, str) else f"a {type(v).__name__}")
+        return None, (f"{loc}: id field {column!r} is {what}; an id must be a non-empty string or integer "
+                      "(input.columns.id; null hashes ids from problem and answer)")
+    return str(v).strip(), None
 
 
 def read_problems(cfg: InputConfig) -> Iterator[dict[str, Any]]:
@@ -174,8 +200,10 @@ def read_problems(cfg: InputConfig) -> Iterator[dict[str, Any]]:
                     rec["error"] = f"{loc}: field {cols.answer!r}: {e}"
             if rec["error"] is None and cfg.max_cot_chars is not None and len(cot) > cfg.max_cot_chars:  # type: ignore[arg-type]
                 rec["error"] = f"{loc}: field {cols.cot!r} has {len(cot)} characters, over input.max_cot_chars={cfg.max_cot_chars}"
-            if cols.id and row.get(cols.id) not in (None, ""):
-                rec["problem_id"] = str(row[cols.id])
+            user_id, id_error = _user_id(row, cols.id, loc)
+            rec["error"] = rec["error"] or id_error
+            if user_id is not None:
+                rec["problem_id"] = user_id
             elif problem is not None and answer_raw is not None:
                 rec["problem_id"] = stable_problem_id(problem, answer_raw)
         if rec["problem_id"] is None:

@@ -129,15 +129,32 @@ def _raw_rows(spec: BenchmarkSpec, path: Path) -> Iterator[tuple[str, dict | Non
     raise ValueError(f"benchmark {spec.name}: {path} is a saved `datasets` folder; export it to JSONL or Parquet")
 
 
+def _synthetic_rows(spec: BenchmarkSpec) -> Iterator[tuple[str, dict | None, str | None]]:
+    from crv_ray.data.synthetic import generate_problems
+
+    s = spec.synthetic
+    assert s is not None  # set by BenchmarkSpec's validator
+    for i, row in enumerate(generate_problems(s.n, seed=s.seed, verbosity=s.verbosity, wrong_fraction=0.0)):
+        yield f"synthetic:{i + 1}", row, None
+
+
 def load_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
     """Read the first `limit` usable problems (all if None); quarantine unusable rows with file:line and reason."""
-    path = Path(spec.path)
-    if not path.exists():
-        raise ValueError(f"benchmark {spec.name}: path {path} does not exist")
-    bench = Benchmark(spec=spec, file_sha1=_files_sha1(path))
+    if spec.source == "synthetic":
+        # The generator's settings stand in for a file hash: the same settings give the same problems.
+        fingerprint = hashlib.sha1(spec.synthetic.model_dump_json().encode()).hexdigest()[:16]  # type: ignore[union-attr]
+        bench = Benchmark(spec=spec, file_sha1=fingerprint)
+        spec = spec.model_copy(update={"columns": ColumnMap(problem="problem", answer="answer", cot="cot", id="id")})
+        rows = _synthetic_rows(spec)
+    else:
+        path = Path(spec.path)  # type: ignore[arg-type]
+        if not path.exists():
+            raise ValueError(f"benchmark {spec.name}: path {path} does not exist")
+        bench = Benchmark(spec=spec, file_sha1=_files_sha1(path))
+        rows = _raw_rows(spec, path)
     cols = spec.columns
     seen: dict[str, str] = {}
-    for loc, row, err in _raw_rows(spec, path):
+    for loc, row, err in rows:
         if limit is not None and len(bench.problems) >= limit:
             break
         if row is None:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from crv_ray.config import ColumnMap, InputConfig, Sampling, _Strict
+from crv_ray.config import ColumnMap, InputConfig, Sampling, SyntheticConfig, _Strict
 
 # Qwen2.5-Math's evaluation instruction: the checker reads `\boxed{}` first.
 DEFAULT_PROMPT = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -35,7 +35,11 @@ class BenchmarkSpec(_Strict):
     """A benchmark file read through the column mapping of refine input (`input.columns`, `input.answer_format`)."""
 
     name: str = Field(..., description="Benchmark name: the output folder and the table title.")
-    path: str = Field(..., description="JSONL or Parquet file, or a folder of them.")
+    source: Literal["file", "synthetic"] = Field(
+        "file", description="file: `path`; synthetic: problems from the built-in generator (a held-out split: give it "
+        "a seed the training input does not use).")
+    path: str | None = Field(None, description="JSONL or Parquet file, or a folder of them (source: file).")
+    synthetic: SyntheticConfig | None = Field(None, description="Generator settings (source: synthetic).")
     format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="File format (auto: from the suffix).")
     columns: ColumnMap = Field(
         default_factory=ColumnMap,
@@ -47,6 +51,14 @@ class BenchmarkSpec(_Strict):
     group_by: list[str] = Field(
         default_factory=list, description="Columns whose values split the per-group tables (e.g. subject, level)."
     )
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "BenchmarkSpec":
+        if self.source == "file" and not self.path:
+            raise ValueError(f"benchmark {self.name}: path is required when source is 'file'")
+        if self.source == "synthetic" and self.synthetic is None:
+            self.synthetic = SyntheticConfig()
+        return self
 
     @field_validator("name")
     @classmethod
@@ -76,10 +88,10 @@ class EvalConfig(_Strict):
         description="Name of a `kind: vllm` entry in `engines` whose settings eval uses, with its model replaced by "
         "each evaluated model. None: the student's engine (negatives.student.engine).",
     )
-    models: list[Literal["base", "sft", "cogpo"]] = Field(
+    models: list[str] = Field(
         default_factory=lambda: ["base", "sft", "cogpo"],
-        description="Models the eval stage of `crv-ray run` evaluates (those that exist): the student, the SFT "
-        "model, the CogPO model.",
+        description="Models the eval stage of `crv-ray run` evaluates (those that exist): base (the student), sft, "
+        "cogpo, and names of train.cogpo_variants.",
     )
     watchdog_s: float = Field(900.0, gt=0, description="Fail if no generation finishes for this long once rows flow.")
     startup_timeout_s: float = Field(1800.0, gt=0, description="Fail if the first generation has not finished by then.")

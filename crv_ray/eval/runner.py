@@ -78,17 +78,16 @@ def parse_model(arg: str) -> EvalModel:
 
 
 def run_models(cfg: RunConfig) -> list[EvalModel]:
-    """The models of a run's eval stage: the student, then the SFT and CogPO models that exist."""
+    """The models of a run's eval stage, in `eval.models` order: the student, then the trained ones that exist."""
     from crv_ray.engines import resolved_model_path
-    from crv_ray.stages import stage_paths
+    from crv_ray.stages import model_dir
 
-    paths = stage_paths(cfg)
     out = []
     for which in cfg.eval.models:
         if which == "base":
             out.append(EvalModel("base", cfg.student.model, resolved_model_path(cfg.student.model)))
-        elif (paths[which] / "model").exists():
-            out.append(EvalModel(which, str(paths[which] / "model"), str(paths[which] / "model")))
+        elif model_dir(cfg, which).exists():
+            out.append(EvalModel(which, str(model_dir(cfg, which)), str(model_dir(cfg, which))))
     return out
 
 
@@ -301,7 +300,7 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
     benches = [load_benchmark(s, ecfg.limit) for s in select_benchmarks(ecfg.benchmarks, benchmark_names)]
     for b in benches:
         if not b.problems:
-            raise ValueError(f"benchmark {b.name}: no usable problems in {b.spec.path} "
+            raise ValueError(f"benchmark {b.name}: no usable problems in {b.spec.path or b.spec.source} "
                              f"({len(b.quarantined)} quarantined; first: "
                              f"{b.quarantined[0]['error'] if b.quarantined else 'the file is empty'})")
     out_dir.mkdir(parents=True, exist_ok=True)

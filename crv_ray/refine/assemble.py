@@ -6,20 +6,25 @@ Output schemas (Arrow/Parquet), one file per shard under refine/<name>/:
 - pairs:  pair_id, problem_id, prompt, chosen, rejected, gap (small|medium|large), rejected_source. No beta: it is
           resolved from the gap at train time (train.cogpo.gap_betas).
 - errors: problem_id, source (file:line), stage, reason, problem, answer_raw, cot.
+Responses, chosen and rejected are in `refine.response_format` (keep | strip_think | wrap_think; response_format.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pyarrow as pa
 
 from crv_ray.config import RunConfig
 from crv_ray.refine.pairs import build_pairs, choose_negative, select_aligned
+from crv_ray.refine.response_format import format_response
+from crv_ray.refine.roles import original_is_positive
 from crv_ray.refine.state import ROLES_FOR_TOKENS, ROUND_FIELDS, round_col
 
 ROUND_STRUCT = pa.struct([pa.field("round", pa.int64())] + [pa.field(k, t) for k, t in ROUND_FIELDS.items()])
-SAMPLE_STRUCT = pa.struct([("index", pa.int64()), ("text", pa.string()), ("pred", pa.string()), ("correct", pa.bool_())])
+SAMPLE_STRUCT = pa.struct([("index", pa.int64()), ("text", pa.string()), ("pred", pa.string()), ("correct", pa.bool_()),
+                           ("status", pa.string())])
 
 TRACE_SCHEMA = pa.schema(
     [
@@ -27,7 +32,9 @@ TRACE_SCHEMA = pa.schema(
         ("status", pa.string()), ("error_stage", pa.string()), ("error", pa.string()),
         ("problem", pa.string()), ("answer", pa.string()), ("answer_raw", pa.string()), ("cot", pa.string()),
         ("prompt", pa.string()),
-        ("orig_pred", pa.string()), ("orig_correct", pa.bool_()), ("orig_check", pa.string()),
+        ("orig_status", pa.string()), ("orig_reason", pa.string()), ("orig_pred", pa.string()),
+        ("orig_correct", pa.bool_()), ("orig_check", pa.string()), ("orig_judged", pa.bool_()),
+        ("orig_judge_raw", pa.string()),
         ("label", pa.string()), ("label_source", pa.string()), ("critic_attempts", pa.int64()),
         ("critic_raw", pa.list_(pa.string())),
         ("rounds", pa.list_(ROUND_STRUCT)),
@@ -83,22 +90,27 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
     aligned, aligned_source = (None, None)
     negative, negative_source, pairs = None, None, []
     if not failed:
-        aligned, aligned_source = select_aligned(base.get("label"), bool(base.get("orig_correct")),
-                                                 base.get("refined_cot"), bool(base.get("refined_verified")),
-                                                 original_cot=base.get("cot"))
+        # Every text that can become a response, chosen or rejected gets the same format, before pairs are deduped.
+        fmt = functools.partial(format_response, mode=cfg.refine.response_format)
+        original = fmt(base.get("cot"))
+        # A no_answer original is never a negative; it is a positive only when judged correct or kept unverified.
+        positive = original_is_positive(base)
+        aligned, aligned_source = select_aligned(base.get("label"), positive,
+                                                 fmt(base.get("refined_cot")), bool(base.get("refined_verified")),
+                                                 original_cot=original)
         candidates: list[tuple[str, str]] = []
         if base.get("orig_correct") is False:
-            candidates.append(("wrong_original", base["cot"]))
+            candidates.append(("wrong_original", original))
         for s in samples:
             if s.get("student_raw") and s.get("student_pred") is not None and s.get("student_correct") is False:
-                candidates.append(("student_sample", s["student_raw"]))
+                candidates.append(("student_sample", fmt(s["student_raw"])))
         if base.get("injected_ok"):
-            candidates.append(("injected", base["injected_cot"]))
+            candidates.append(("injected", fmt(base["injected_cot"])))
         order = [_SOURCE_NAMES[s] for s in cfg.negatives.sources]
         negative, negative_source = choose_negative(candidates, order)
-        pairs = build_pairs(base["problem_id"], base["student_prompt"], base["cot"], bool(base.get("orig_correct")),
+        pairs = build_pairs(base["problem_id"], base["student_prompt"], original, positive,
                             base.get("label"), aligned, aligned_source, negative,
-                            gaps=cfg.pairs.gaps)
+                            gaps=cfg.pairs.gaps, original_verified=base.get("orig_correct") is True)
         for p in pairs:
             p["rejected_source"] = "original" if p["gap"] == "small" else negative_source
 
@@ -110,7 +122,7 @@ def assemble_problem(cfg: RunConfig, rows: list[dict], config_hash: str) -> dict
         rounds=rounds,
         aligned_cot=aligned, aligned_source=aligned_source,
         student_samples=[{"index": s["sample_index"], "text": s.get("student_raw"), "pred": s.get("student_pred"),
-                          "correct": s.get("student_correct")} for s in samples],
+                          "correct": s.get("student_correct"), "status": s.get("student_status")} for s in samples],
         negative_cot=negative, negative_source=negative_source,
         pair_gaps=[p["gap"] for p in pairs],
         critic_model=engine_model(cfg, cfg.roles.critic.engine),

@@ -61,8 +61,12 @@ def build_pairs(
     aligned_source: str | None,
     negative_cot: str | None,
     gaps: Sequence[str] = GAPS,
+    original_verified: bool = True,
 ) -> list[dict]:
     """The CogPO pairs of one problem, in GAPS order, restricted to `gaps`.
+
+    `original_verified=False` (an original with no readable final answer kept by input.on_no_answer=
+    keep_unverified, passed with original_correct=True): it may be chosen, never rejected (no small pair).
 
     A pair whose chosen equals its rejected (after strip) is never emitted, nor a second pair with the same
     (chosen, rejected): with a medium label the aligned CoT is the original, so the large pair would repeat
@@ -74,7 +78,7 @@ def build_pairs(
     candidates = {
         "small": (
             aligned_cot
-            if label in REWRITE_LABELS and aligned_source == "refined" and original_correct
+            if label in REWRITE_LABELS and aligned_source == "refined" and original_correct and original_verified
             else None,
             original_cot,
         ),

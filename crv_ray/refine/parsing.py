@@ -219,9 +219,52 @@ def _is_chatter(line: str) -> bool:
     return about and _REWRITE_ADJ_RE.search(plain) is not None and (plain.endswith(":") or heading)
 
 
+_REWRITE_OPEN_RE = re.compile(r"<rewrite>", re.IGNORECASE)
+_REWRITE_CLOSE_RE = re.compile(r"</rewrite>", re.IGNORECASE)
+_THINK_TAG_RE = re.compile(r"<(/?)think>", re.IGNORECASE)
+
+
+def drop_agent_thinking(reply: str | None) -> str:
+    """An agent's reply without the agent's own deliberation; a rewrite's own `<think>` format is kept.
+
+    The rule (the rethink and inject prompts ask for `<rewrite>...</rewrite>`):
+    1. Marked: the content of the last `<rewrite>` block (unclosed: to the end of the reply), verbatim, think tags
+       included - unless a `</think>` follows it, which makes it a draft inside the agent's deliberation.
+    2. Unmarked: a leading `<think>...</think>` block, or everything before a first `</think>` that has no opening
+       tag (chat templates that open the tag in the prompt), is the agent's deliberation and is dropped; the rest is
+       the rewrite, its own think blocks kept. A reply that never closes its leading `<think>` was cut off: "".
+    So an unmarked rewrite in think format written by an agent that does not think loses its leading think block;
+    the markers are what make a think-format rewrite unambiguous.
+    """
+    if not reply:
+        return ""
+    opens = list(_REWRITE_OPEN_RE.finditer(reply))
+    if opens:
+        start = opens[-1].end()
+        close = _REWRITE_CLOSE_RE.search(reply, start)
+        after = reply[close.end():] if close else ""
+        if not re.search(r"</think>", after, re.IGNORECASE):
+            return reply[start:close.start() if close else len(reply)].strip()
+    text = reply
+    first = _THINK_TAG_RE.search(text)
+    if first is not None and first.group(1):  # a first </think> with no opening tag
+        text = text[first.end():]
+    elif first is not None and not text[:first.start()].strip():
+        close = re.search(r"</think>", text[first.end():], re.IGNORECASE)
+        if close is None:
+            return ""
+        text = text[first.end() + close.end():]
+    # A lone closing marker ("...</rewrite>" with no opening one) ends the rewrite.
+    close = _REWRITE_CLOSE_RE.search(text)
+    if close is not None:
+        text = text[:close.start()]
+    return text.strip()
+
+
 def extract_rewrite(reply: str | None) -> str | None:
-    """The rethinker's new reasoning without think blocks, a chatty intro/outro, code fences or a wrapping tag."""
-    lines = strip_think(reply).splitlines()
+    """The rethinker's (or injector's) new reasoning: the agent's own thinking dropped (`drop_agent_thinking`), a
+    chatty intro/outro, code fences and a wrapping tag removed; a rewrite in `<think>` format keeps its tags."""
+    lines = drop_agent_thinking(reply).splitlines()
     for _ in range(3):
         while lines and not lines[0].strip():
             lines.pop(0)
@@ -235,6 +278,6 @@ def extract_rewrite(reply: str | None) -> str | None:
     if fence is not None and not re.search(r"^```", fence.group(1), re.MULTILINE):
         text = fence.group(1).strip()
     tag = _TAG_RE.match(text)
-    if tag is not None:
+    if tag is not None and tag.group(1).lower() != "think":  # a rewrite that is all thinking keeps its format
         text = tag.group(2).strip()
     return text or None

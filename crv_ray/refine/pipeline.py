@@ -6,6 +6,7 @@ gives the engine pool for a stage, and this module chains them with `map`/`flat_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -23,8 +24,9 @@ from crv_ray.data.input import read_problems
 from crv_ray.engines import build_engine_transform, stage_resources
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.refine.assemble import assemble_shard
+from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
-from crv_ray.refine.roles import Reply, StageSpec, build_stages
+from crv_ray.refine.roles import Reply, StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
 
@@ -37,6 +39,43 @@ class RefineError(RuntimeError):
 
 class RefineStalled(RefineError):
     pass
+
+
+class CriticFallbackError(RefineError):
+    """Too many critic replies held no label: the critic is cut off (a reasoning model inside <think> with a small
+    max_tokens) or ignores the format. Going on would turn CRV into plain SFT."""
+
+
+class CriticFallbackGuard:
+    """Checks the critic fallback rate once, on the first shard that had critic calls (streaming: the first shard
+    committed; staged: the first pending shard, right after the critic stages, before the costly rounds)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.max_rate = cfg.roles.critic.max_fallback_rate
+        self.max_tokens = cfg.roles.critic.sampling.max_tokens
+        self.fallback_label = cfg.roles.critic.fallback_label
+        self.done = False
+
+    def __call__(self, shard: int, rows: list[dict]) -> bool:
+        """rows: one working row per problem. True once the check has been made (and passed)."""
+        if self.done:
+            return True
+        stats = critic_fallback_stats(rows)
+        if stats.asked == 0:
+            return False  # no critic call in this shard (all failed earlier or all originals wrong): judge the next
+        self.done = True
+        if stats.rate <= self.max_rate:
+            return True
+        shown = "\n".join(f"  - {shorten(r)!r}" for r in stats.replies)
+        raise CriticFallbackError(
+            f"critic fallback rate {stats.rate:.0%} ({stats.fallback} of {stats.asked} rows the critic judged in "
+            f"shard {shard}) is above roles.critic.max_fallback_rate={self.max_rate:g}: no reply held a label "
+            f"easy/medium/hard. Last replies of some of them:\n{shown}\n"
+            f"A reasoning critic needs room to think: raise roles.critic.sampling.max_tokens (now {self.max_tokens}); "
+            "use structured output (guided `choice`) on a vLLM engine; or check the critic prompt. To accept "
+            f"fallbacks ({self.fallback_label!r} rows), raise roles.critic.max_fallback_rate. Nothing of this shard "
+            "was committed."
+        )
 
 
 # ------------------------------------------------------------------ ingest
@@ -55,7 +94,10 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         for r in buf:
             r["shard"] = shard
         write_parquet_atomic(store.input_file(shard), to_table(buf, schema))
-        shards.append({"shard": shard, "rows": len(buf), "problem_ids": [r["problem_id"] for r in buf]})
+        # Rows the judge stage must see (input.on_no_answer=judge): without any, its pool is not started.
+        no_answer = sum(1 for r in buf if r["error"] is None and r["orig_status"] == "no_answer")
+        shards.append({"shard": shard, "rows": len(buf), "no_answer": no_answer,
+                       "problem_ids": [r["problem_id"] for r in buf]})
         buf.clear()
 
     n_in = n_bad = 0
@@ -68,6 +110,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
             row["error_stage"], row["error"] = "input", rec["error"]
         else:
             row["student_prompt"] = render_student_prompt(rec["problem"], cfg.refine.student_prompt)
+            check_original(row, cfg)  # here, not in a Ray stage: whether a judge pool is needed depends on it
         buf.append(row)
         if len(buf) >= cfg.refine.shard_size:
             flush()
@@ -80,7 +123,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         "ingested": True,
         "rows_in": n_in,
         "rows_quarantined_at_input": n_bad,
-        "shards": [{k: s[k] for k in ("shard", "rows")} for s in shards],
+        "shards": [{k: s[k] for k in ("shard", "rows", "no_answer")} for s in shards],
         "ingest_s": round(time.time() - t0, 3),
     }
     store.write_state(state)
@@ -160,40 +203,61 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     done = object()
+    stop = threading.Event()  # the consumer has gone (finished or raised, e.g. a failed fallback check)
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def pump() -> None:
         try:
             for b in batches:
-                q.put(b)
-            q.put(done)
+                if not put(b):
+                    break
+            else:
+                put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            put(e)
+        finally:
+            close = getattr(batches, "close", None)
+            if stop.is_set() and close is not None:
+                close()  # ends Ray Data's execution, and its engine pools with it
 
     threading.Thread(target=pump, daemon=True, name="refine-pump").start()
     first = True
-    while True:
-        wait = first_timeout_s if first and first_timeout_s else timeout_s
-        try:
-            item = q.get(timeout=wait)
-        except queue.Empty:
-            knob = "refine.startup_timeout_s" if first and first_timeout_s else "refine.watchdog_s"
-            raise RefineStalled(
-                f"{what}: no row finished for {wait:.0f} s ({knob}). A pool may be waiting for "
-                "resources it cannot get (see `ray status`), or an engine hung."
-            ) from None
-        first = False
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            wait = first_timeout_s if first and first_timeout_s else timeout_s
+            try:
+                item = q.get(timeout=wait)
+            except queue.Empty:
+                knob = "refine.startup_timeout_s" if first and first_timeout_s else "refine.watchdog_s"
+                raise RefineStalled(
+                    f"{what}: no row finished for {wait:.0f} s ({knob}). A pool may be waiting for "
+                    "resources it cannot get (see `ray status`), or an engine hung."
+                ) from None
+            first = False
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
-    for batch in iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
-                                       cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s):
-        for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
-            collector.add(row)
+    batches = iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
+                                    cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
+    with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too
+        for batch in batches:
+            for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
+                collector.add(row)
     missing = collector.incomplete()
     if missing:
         raise RefineError(f"{what}: shards {missing[:10]} ended incomplete (rows were lost in the pipeline)")
@@ -219,8 +283,13 @@ def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], s
 
 
 def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
-               commit: Callable[[int, dict], None]) -> dict[str, float]:
-    """One stage at a time over all pending shards; each stage's output lands on disk before the next starts."""
+               commit: Callable[[int, dict], None],
+               critic_guard: Callable[[int, list[dict]], bool] | None = None) -> dict[str, float]:
+    """One stage at a time over all pending shards; each stage's output lands on disk before the next starts.
+
+    `critic_guard(shard, rows)` sees the shards in order right after the last critic stage (it may raise)."""
+    import pyarrow.parquet as pq
+
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
@@ -243,9 +312,12 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
         walls[spec.name] = round(time.time() - t0, 3)
         if todo:
             print(f"[refine] stage {spec.name} done in {walls[spec.name]:.0f}s", flush=True)
+        last_critic = spec.role == "critic" and (i + 1 == len(stages) or stages[i + 1].role != "critic")
+        if critic_guard is not None and last_critic:
+            for s in shards:
+                if critic_guard(s["shard"], pq.read_table(prev[s["shard"]]).to_pylist()):
+                    break
     # Commit from the last stage's files.
-    import pyarrow.parquet as pq
-
     for s in shards:
         by_problem: dict[str, list[dict]] = defaultdict(list)
         for row in pq.read_table(prev[s["shard"]]).to_pylist():

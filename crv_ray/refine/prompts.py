@@ -14,7 +14,8 @@ from pathlib import Path
 
 import jinja2
 
-ROLES = ("critic", "rethink_easy", "rethink_hard", "rethink_repair", "verifier", "inject_error", "student")
+ROLES = ("critic", "rethink_easy", "rethink_hard", "rethink_repair", "verifier", "judge_original", "inject_error",
+         "student")
 
 TEMPLATE_DIR = Path(__file__).parent / "prompts"
 USER_MARKER = "---USER---"

@@ -11,8 +11,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from crv_ray.answers import check_answer, extract_final_answer
+from crv_ray.answers import check_answer
 from crv_ray.config import RunConfig, Sampling
+from crv_ray.refine.guards import find_leak, leak_reason
 from crv_ray.refine.pairs import select_aligned
 from crv_ray.refine.parsing import LABELS, extract_rewrite, parse_label, parse_verdict
 from crv_ray.refine.prompts import render_messages
@@ -62,12 +63,36 @@ def _fail(row: dict, stage: str, reason: str) -> dict:
 
 
 # ------------------------------------------------------------------ original CoT check + context fit (CPU)
-def check_original(row: dict) -> dict:
-    if not alive(row):
+def check_cot(cfg: RunConfig | None, cot: str | None, gold: str):
+    """check_answer with the run's `answers` settings (extra patterns, timeout)."""
+    if cfg is None:
+        return check_answer(cot, gold)  # type: ignore[arg-type]
+    return check_answer(cot, gold, patterns=cfg.answers.patterns, timeout_s=cfg.answers.timeout_s)  # type: ignore[arg-type]
+
+
+def check_original(row: dict, cfg: RunConfig | None = None) -> dict:
+    """Sets orig_status (correct | wrong | no_answer | error), orig_correct and the policy for no_answer.
+
+    orig_correct is True / False only for a found answer (or a judged one, later); a no_answer original keeps
+    None, so it is never taken for wrong (no repair, no negative). input.on_no_answer=drop and a failed check
+    (a timeout) end the row here, with the reason.
+    """
+    if not alive(row) or row.get("orig_status") is not None:
         return row
-    res = check_answer(row["cot"], row["answer"])
-    row["orig_pred"], row["orig_correct"], row["orig_check"] = res.predicted, res.correct, res.method
+    res = check_cot(cfg, row["cot"], row["answer"])
+    row["orig_status"], row["orig_reason"] = res.status, res.reason
+    row["orig_pred"], row["orig_check"] = res.predicted, res.method
+    row["orig_correct"] = {"correct": True, "wrong": False}.get(res.status)
+    if res.status == "error":
+        return _fail(row, "check_original", f"the answer check of the original CoT failed: {res.reason}")
+    if res.status == "no_answer" and cfg is not None and cfg.input.on_no_answer == "drop":
+        return _fail(row, "no_answer", f"{res.reason} (input.on_no_answer=drop)")
     return row
+
+
+def original_is_positive(row: dict) -> bool:
+    """The original may be a positive (SFT, chosen): correct, judged correct, or kept unverified."""
+    return row.get("orig_correct") is True or (row.get("orig_status") == "no_answer" and row.get("orig_correct") is None)
 
 
 class OriginalCheck:
@@ -97,7 +122,7 @@ class OriginalCheck:
         return render_messages("rethink_easy", rc.prompt_easy or rc.prompt, feedback=None, previous=None, **fields)
 
     def __call__(self, row: dict) -> dict:
-        row = check_original(dict(row))
+        row = check_original(dict(row), self.cfg)  # usually done at ingest already (see pipeline.ingest)
         if not alive(row):
             return row
         for role, rc, template, count, max_len in self.checks:
@@ -120,7 +145,8 @@ def critic_stage(cfg: RunConfig, attempt: int) -> StageSpec:
                                                "seed": (sampling.seed or 0) + attempt})
 
     def prepare(row: dict) -> Messages | None:
-        if not alive(row) or row.get("label") is not None:
+        # A wrong original is repaired whatever its label, and never aligned: its label would go unused.
+        if not alive(row) or row.get("label") is not None or row.get("orig_correct") is False:
             return None
         return render_messages("critic", c.prompt, problem=row["problem"], answer=row["answer"], cot=row["cot"],
                                student_name=cfg.student.name, student_size=cfg.student.size)
@@ -137,10 +163,12 @@ def critic_stage(cfg: RunConfig, attempt: int) -> StageSpec:
         elif last and reply.error is not None:
             return _fail(row, "critic", f"engine error after {len(raws)} attempt(s): {reply.error[:500]}")
         elif last:
+            # label_source "fallback" marks the row for the run's fallback-rate check, error row or not.
+            row["label_source"] = "fallback"
             if c.fallback_label == "error":
                 shown = (reply.text or reply.error or "")[:200]
                 return _fail(row, "critic", f"no parseable label after {len(raws)} attempt(s); last reply: {shown!r}")
-            row["label"], row["label_source"] = c.fallback_label, "fallback"
+            row["label"] = c.fallback_label
         return row
 
     return StageSpec(name=f"critic_a{attempt}", role="critic", engine=c.engine, sampling=sampling,
@@ -152,6 +180,7 @@ def needs_rethink(cfg: RunConfig, row: dict, r: int) -> bool:
     if not alive(row) or row.get("refined_verified"):
         return False
     if r == 1:
+        # False only for an answer found and wrong: a no_answer original (None) is never repaired as wrong.
         if row.get("orig_correct") is False:
             return cfg.roles.rethinker.repair_wrong_original
         return row.get("label") in ("easy", "hard")
@@ -213,9 +242,15 @@ def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
 
     def rule(row: dict) -> None:
         if vc.rule_check and row.get(round_col(r, "rule_ok")) is None:
-            res = check_answer(row[round_col(r, "cot")], row["answer"])
+            res = check_cot(cfg, row[round_col(r, "cot")], row["answer"])
             row[round_col(r, "rule_pred")] = res.predicted
             row[round_col(r, "rule_ok")] = res.correct
+            row[round_col(r, "rule_status")] = res.status
+            row[round_col(r, "rule_reason")] = res.reason
+
+    def leak(row: dict) -> str | None:
+        # Part of the rule check; a leak fails the round whatever `require` says (it must never reach the data).
+        return find_leak(row[round_col(r, "cot")], row["problem"]) if vc.rule_check else None
 
     def prepare(row: dict) -> Messages | None:
         if not pending(row):
@@ -223,6 +258,8 @@ def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
         rule(row)
         if not vc.llm_judge or ("rule" in vc.require and row.get(round_col(r, "rule_ok")) is False):
             return None  # the judge cannot rescue a wrong final answer: save the call
+        if leak(row) is not None:
+            return None  # nor a leak
         return render_messages("verifier", vc.prompt, problem=row["problem"], answer=row["answer"],
                                cot=row[round_col(r, "cot")])
 
@@ -235,11 +272,19 @@ def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
         if vc.rule_check:
             rule_ok = bool(row.get(round_col(r, "rule_ok")))
             if not rule_ok:
-                pred = row.get(round_col(r, "rule_pred"))
-                reasons.append(f"the final answer {pred!r} does not match the expected answer {row['answer']!r}"
-                               if pred is not None else "no final answer in \\boxed{} was found")
+                pred, status = row.get(round_col(r, "rule_pred")), row.get(round_col(r, "rule_status"))
+                if status == "wrong":
+                    reasons.append(f"the final answer {pred!r} does not match the expected answer {row['answer']!r}")
+                elif status == "no_answer":
+                    reasons.append(f"no final answer: {row.get(round_col(r, 'rule_reason'))}; state it as \\boxed{{}}")
+                else:
+                    reasons.append(f"the answer check failed: {row.get(round_col(r, 'rule_reason'))}")
             if "rule" in vc.require:
                 ok &= rule_ok
+        phrase = leak(row)
+        if phrase is not None:
+            reasons.insert(0, leak_reason(phrase))
+            ok = False
         # A skipped judge call means the judge is off or a required rule check already failed.
         if not reply.skipped:
             _account(row, "verifier", reply)
@@ -264,7 +309,7 @@ def verify_stage(cfg: RunConfig, r: int) -> StageSpec:
 
 # ------------------------------------------------------------------ negatives
 def aligned_text(row: dict) -> str | None:
-    cot, _ = select_aligned(row.get("label"), bool(row.get("orig_correct")), row.get("refined_cot"),
+    cot, _ = select_aligned(row.get("label"), original_is_positive(row), row.get("refined_cot"),
                             bool(row.get("refined_verified")), original_cot=row.get("cot"))
     return cot
 
@@ -287,7 +332,7 @@ def inject_stage(cfg: RunConfig) -> StageSpec:
     def prepare(row: dict) -> Messages | None:
         if not alive(row) or _covered_before(cfg, row, "injected"):
             return None
-        base = aligned_text(row) or (row["cot"] if row.get("orig_correct") else None)
+        base = aligned_text(row) or (row["cot"] if original_is_positive(row) else None)
         if base is None:
             return None
         return render_messages("inject_error", ic.prompt, problem=row["problem"], answer=row["answer"], cot=base)
@@ -298,10 +343,10 @@ def inject_stage(cfg: RunConfig) -> StageSpec:
         cot = extract_rewrite(reply.text) if reply.error is None else None
         row["injected_cot"] = cot
         if cot is not None:
-            pred = extract_final_answer(cot)
-            row["injected_pred"] = pred
-            # Only a rewrite whose answer really changed is a negative.
-            row["injected_ok"] = pred is not None and not check_answer(cot, row["answer"]).correct
+            res = check_cot(cfg, cot, row["answer"])
+            row["injected_pred"] = res.predicted
+            # Only a rewrite whose answer was found and really changed is a negative (no_answer is not).
+            row["injected_ok"] = res.status == "wrong"
         else:
             row["injected_ok"] = False
         return row
@@ -327,17 +372,55 @@ def student_stage(cfg: RunConfig) -> StageSpec:
         _account(row, "student", reply)
         row["student_raw"] = reply.text if reply.error is None else None
         if reply.text is not None and reply.error is None:
-            res = check_answer(reply.text, row["answer"])
-            row["student_pred"], row["student_correct"] = res.predicted, res.correct
+            res = check_cot(cfg, reply.text, row["answer"])
+            # student_correct stays None for no_answer / error: such a sample is never a negative.
+            row["student_pred"], row["student_status"] = res.predicted, res.status
+            row["student_correct"] = {"correct": True, "wrong": False}.get(res.status)
         return row
 
     return StageSpec(name="student", role="student", engine=sc.engine, sampling=sc.sampling,
                      prepare=prepare, apply=apply, fanout=fanout, extra={"per_sample_seed": True})
 
 
-def build_stages(cfg: RunConfig) -> list[StageSpec]:
-    """The refine pipeline, unrolled: check, critic attempts, rethink/verify rounds, negatives."""
+def judge_original_stage(cfg: RunConfig) -> StageSpec:
+    """input.on_no_answer=judge: the verifier's engine decides whether an original with no readable final answer
+    reaches the gold answer. PASS: the original counts as correct (orig_judged=True); FAIL or no verdict: the row
+    goes to errors (stage no_answer), never to the negatives."""
+    vc = cfg.roles.verifier
+
+    def prepare(row: dict) -> Messages | None:
+        if not alive(row) or row.get("orig_status") != "no_answer" or row.get("orig_judged") is not None:
+            return None
+        return render_messages("judge_original", vc.prompt_no_answer, problem=row["problem"], answer=row["answer"],
+                               cot=row["cot"], checker_reason=row.get("orig_reason") or "")
+
+    def apply(row: dict, reply: Reply) -> dict:
+        _account(row, "verifier", reply)
+        row["orig_judge_raw"] = reply.text if reply.error is None else f"<error: {reply.error}>"
+        v = parse_verdict(reply.text) if reply.error is None else None
+        if v is not None and v.passed is True:
+            row["orig_judged"], row["orig_correct"] = True, True
+            return row
+        if v is not None and v.passed is False:
+            row["orig_judged"] = False
+            return _fail(row, "no_answer", f"{row.get('orig_reason')}; the judge says the CoT does not reach the "
+                         f"gold answer: {v.reason or 'no reason given'}")
+        detail = reply.error[:300] if reply.error else f"no verdict in {(reply.text or '')[:200]!r}"
+        return _fail(row, "no_answer", f"{row.get('orig_reason')}; the judge gave no verdict ({detail})")
+
+    return StageSpec(name="judge_original", role="verifier", engine=vc.engine, sampling=vc.sampling,
+                     structured={"regex": VERDICT_REGEX}, prepare=prepare, apply=apply)
+
+
+def build_stages(cfg: RunConfig, judge_original: bool = True) -> list[StageSpec]:
+    """The refine pipeline, unrolled: check, judge, critic attempts, rethink/verify rounds, negatives.
+
+    judge_original=False leaves the judge stage out (no pending row has a no_answer original), so its engine
+    pool is not started for nothing.
+    """
     stages = [StageSpec(name="check_original", role="none", engine=None, extra={"callable_class": OriginalCheck})]
+    if judge_original and cfg.input.on_no_answer == "judge":
+        stages.append(judge_original_stage(cfg))
     stages += [critic_stage(cfg, a) for a in range(cfg.roles.critic.max_parse_retries + 1)]
     for r in range(1, cfg.roles.verifier.max_rounds + 1):
         stages += [rethink_stage(cfg, r), verify_stage(cfg, r)]

@@ -12,6 +12,7 @@ from crv_ray.config import RunConfig
 from crv_ray.refine.assemble import assemble_shard
 from crv_ray.refine.manifest import write_manifest
 from crv_ray.refine.pipeline import (
+    CriticFallbackGuard,
     RefineError,
     check_resources,
     ingest,
@@ -107,12 +108,15 @@ def run_refine(cfg: RunConfig) -> RefineResult:
     skipped = len(shards) - len([s for s in shards if not store.is_done(s["shard"])])
     log.info("refine: %d rows in %d shard(s); %d done, %d to run (%s mode)", state["rows_in"], len(shards),
              skipped, len(pending), cfg.refine.mode)
-    stages = build_stages(cfg)
+    # s.get: shards ingested before the no_answer count existed may need the judge.
+    stages = build_stages(cfg, judge_original=any(s.get("no_answer", 1) for s in pending))
     config_hash = cfg.refine_hash()
     done_now = 0
+    critic_guard = CriticFallbackGuard(cfg)
 
     def commit(shard: int, by_problem: dict) -> None:
         nonlocal done_now
+        critic_guard(shard, [rows[0] for rows in by_problem.values()])  # raises before a bad first shard commits
         tables = assemble_shard(cfg, by_problem, config_hash)
         info = {name: tables[name].num_rows for name in DATASETS}
         info.update(shard=shard, committed_at=time.time())
@@ -126,8 +130,10 @@ def run_refine(cfg: RunConfig) -> RefineResult:
         init_ray(cfg, required_local_cpus(cfg))
         check_resources(cfg, stages)
         t0 = time.time()
-        run = run_streaming if cfg.refine.mode == "streaming" else run_staged
-        stage_walls = run(cfg, store, stages, pending, commit)
+        if cfg.refine.mode == "streaming":
+            stage_walls = run_streaming(cfg, store, stages, pending, commit)
+        else:
+            stage_walls = run_staged(cfg, store, stages, pending, commit, critic_guard=critic_guard)
         state = store.read_state() or state
         state.setdefault("runs", []).append({"mode": cfg.refine.mode, "shards": len(pending),
                                              "wall_s": round(time.time() - t0, 3), "started_at": t_start,

@@ -23,10 +23,14 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "student_prompt": pa.string(),
     "error_stage": pa.string(),
     "error": pa.string(),
-    # original CoT check
+    # original CoT check (crv_ray.answers.check_answer); see roles.check_original
+    "orig_status": pa.string(),  # correct | wrong | no_answer | error
+    "orig_reason": pa.string(),  # why no_answer / error
     "orig_pred": pa.string(),
-    "orig_correct": pa.bool_(),
-    "orig_check": pa.string(),
+    "orig_correct": pa.bool_(),  # True: correct or judged correct; False: wrong; None: no_answer (never wrong)
+    "orig_check": pa.string(),  # how the answer was extracted and compared
+    "orig_judged": pa.bool_(),  # input.on_no_answer=judge: the judge's verdict on a no_answer original
+    "orig_judge_raw": pa.string(),
     # critic
     "critic_raw": pa.string(),  # JSON list of raw replies, one per attempt
     "critic_attempts": pa.int64(),
@@ -46,7 +50,8 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "sample_copies": pa.int64(),
     "student_raw": pa.string(),
     "student_pred": pa.string(),
-    "student_correct": pa.bool_(),
+    "student_status": pa.string(),  # correct | wrong | no_answer | error
+    "student_correct": pa.bool_(),  # None unless the answer was found (only a wrong one is a negative)
 }
 for _role in ROLES_FOR_TOKENS:
     BASE_COLUMNS[f"tok_in_{_role}"] = pa.int64()
@@ -58,6 +63,8 @@ ROUND_FIELDS: dict[str, pa.DataType] = {
     "cot": pa.string(),
     "rule_pred": pa.string(),
     "rule_ok": pa.bool_(),
+    "rule_status": pa.string(),  # correct | wrong | no_answer | error
+    "rule_reason": pa.string(),
     "judge_raw": pa.string(),
     "judge_pass": pa.bool_(),
     "reason": pa.string(),

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Project defaults for the per-gap beta (method.md, "Beta values"): a subtle preference gets a gentle push.
 DEFAULT_GAP_BETAS: dict[str, float] = {"small": 1.0, "medium": 0.5, "large": 0.2}
@@ -114,9 +115,45 @@ class TrainConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options.")
     lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (merged at export); null = full.")
+    cogpo_variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra preference runs from the same SFT model and pairs, each `name: {cogpo fields to change}`, "
+        "e.g. `dpo: {gap_betas: {small: 0.5, medium: 0.5, large: 0.5}}` (one beta for every pair is DPO). Trained "
+        "after `cogpo` into <run_dir>/variants/<name>/ and evaluated beside it when eval.models names them.")
     tokenize_num_actors: int = Field(1, ge=1, description="Max Ray Data actors tokenizing the datasets.")
     ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
     ref_num_actors: int = Field(1, ge=1, description="Ray Data actors holding a reference model copy.")
+
+    @field_validator("cogpo_variants")
+    @classmethod
+    def _variant_names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if name in RESERVED_MODEL_NAMES or not _VARIANT_NAME_RE.match(name):
+                raise ValueError(f"cogpo_variants: {name!r} cannot name a variant (letters, digits, '_', '-', '.'; "
+                                 f"not one of {RESERVED_MODEL_NAMES})")
+        return v
+
+    @model_validator(mode="after")
+    def _variants_valid(self):
+        for name, fields in self.cogpo_variants.items():
+            try:
+                CogPOConfig.model_validate({**self.cogpo.model_dump(mode="json"), **fields})
+            except ValidationError as e:
+                detail = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"cogpo_variants.{name}: {detail}") from None
+        return self
+
+
+RESERVED_MODEL_NAMES = ("base", "sft", "cogpo")
+_VARIANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def variant_config(cfg: TrainConfig, name: str) -> TrainConfig:
+    """The training config of one cogpo variant: the `cogpo` section with the variant's fields replaced."""
+    if name not in cfg.cogpo_variants:
+        raise ValueError(f"no cogpo variant {name!r} (defined: {sorted(cfg.cogpo_variants)})")
+    cogpo = CogPOConfig.model_validate({**cfg.cogpo.model_dump(mode="json"), **cfg.cogpo_variants[name]})
+    return cfg.model_copy(update={"cogpo": cogpo, "cogpo_variants": {}})
 
 
 def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:

@@ -188,3 +188,23 @@ def test_import_order_does_not_matter(module):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "EvalConfig" in res.stdout
+
+
+def test_synthetic_held_out_split():
+    """A synthetic benchmark with another seed than the training input: exact answers, no problem in common."""
+    from crv_ray.data.synthetic import generate_problems
+
+    spec = BenchmarkSpec(name="held_out", source="synthetic", synthetic={"n": 60, "seed": 1000})
+    b = load_benchmark(spec)
+    assert len(b.problems) == 60 and b.quarantined == []
+    train = {r["problem"] for r in generate_problems(300, seed=0)}
+    assert not train & {p["problem"] for p in b.problems}
+    assert all(re.fullmatch(r"-?\d+", p["gold"]) for p in b.problems)
+    # Same settings, same problems and fingerprint (the rerun skip relies on it); another seed differs.
+    again = load_benchmark(spec, limit=10)
+    assert [p["problem_id"] for p in again.problems] == [p["problem_id"] for p in b.problems[:10]]
+    assert again.file_sha1 == b.file_sha1
+    other = load_benchmark(BenchmarkSpec(name="held_out", source="synthetic", synthetic={"n": 60, "seed": 1001}))
+    assert other.file_sha1 != b.file_sha1
+    with pytest.raises(ValueError, match="path is required when source is 'file'"):
+        BenchmarkSpec(name="x")
