@@ -86,3 +86,31 @@ def test_smollm2_real_text(ray_local, tmp_path):
             assert rd["reason"]  # a verdict reason or the rule check's
     sft = read(cfg.run_dir, "sft")
     assert all(s["response"] and s["prompt"].endswith("\\boxed{}.") for s in sft)
+
+
+def test_no_answer_original_goes_to_the_judge(ray_local, tmp_path):
+    """input.on_no_answer=judge with a real engine: the judge pool starts only for the row without a readable answer,
+    its verdict (structured, so always readable) decides between a correct original and an errors row; never a
+    negative either way."""
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": "boxed", "problem": "What is 1+1?", "answer": "2", "cot": "1+1=2.\n\n\\boxed{2}"},
+            {"id": "silent", "problem": "What is 2+2?", "answer": "4",
+             "cot": "We add the two numbers together, counting on our fingers until we are done."}]
+    inp.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
+                      [f"run_dir={tmp_path / 'run'}", "input.source=file", f"input.path={inp}", "refine.mode=staged",
+                       "negatives.sources=[wrong_original]", "input.on_no_answer=judge"])
+    res = run_refine(cfg)
+    assert res.manifest["reconciliation"]["balanced"]
+    assert res.manifest["stages"]["check_original"]["no_answer"] == 1
+    stages = sorted(p.name for p in (Path(cfg.run_dir) / "refine" / "_work" / "stages").iterdir())
+    assert stages[:2] == ["00-check_original", "01-judge_original"]
+    trace = {r["problem_id"]: r for r in read(cfg.run_dir, "trace")}
+    assert trace["boxed"]["orig_status"] == "correct"
+    silent = trace["silent"]
+    assert silent["orig_status"] == "no_answer" and silent["negative_source"] is None
+    if silent["status"] == "ok":  # the judge said PASS: a correct original
+        assert silent["orig_correct"] is True
+    else:  # FAIL: an errors row with the judge's reason, not a negative
+        assert silent["error_stage"] == "no_answer" and "judge" in silent["error"]
+    assert all(p["rejected"] != rows[1]["cot"] for p in read(cfg.run_dir, "pairs"))
