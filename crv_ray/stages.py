@@ -41,12 +41,31 @@ def _student_dir(cfg: RunConfig) -> Path:
     return p
 
 
-def run_train_stage(cfg: RunConfig, stage: str) -> dict[str, Path]:
-    """`crv-ray train sft|cogpo`: one training stage from the refine datasets in the run directory."""
+def check_refine_complete(cfg: RunConfig, allow_partial: bool = False) -> None:
+    """Training reads only committed refine shards (crv_ray.train.data.list_parquet_files); a refine that has not
+    committed every shard is refused unless `allow_partial`, so a model is never trained on part of the data
+    unknowingly."""
+    from crv_ray.refine.store import RefineStore
+
+    store = RefineStore(cfg.run_dir)
+    done, total = store.committed_shards()
+    if total == 0 or len(done) == total:
+        return  # no refine state: the missing-data errors below name what to run
+    msg = f"refine at {store.root} is incomplete: {len(done)} of {total} shards committed"
+    if not allow_partial:
+        raise ValueError(f"{msg}. Rerun `crv-ray refine` to finish it, or pass --allow-partial to train on the "
+                         "committed shards only.")
+    print(f"[train] warning: {msg}; training on the committed shards only (--allow-partial)", flush=True)
+
+
+def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> dict[str, Path]:
+    """`crv-ray train sft|cogpo`: one training stage from the refine datasets in the run directory (committed
+    shards only; an incomplete refine is refused unless `allow_partial`)."""
     from crv_ray.refine.runner import init_ray
     from crv_ray.train import api
 
     paths = stage_paths(cfg)
+    check_refine_complete(cfg, allow_partial)
     init_ray(cfg)
     if stage == "sft":
         if not paths["sft_data"].exists():

@@ -6,11 +6,16 @@
       _work/state.json              config hash, input fingerprint, shard list
       _work/input/                  ingested shards (working rows)
       _work/stages/<stage>/         per-stage outputs (staged mode)
-      _work/done/shard-NNNNN.json   commit marker: written last, after the four datasets
+      _work/done/shard-NNNNN.json   commit marker: written last, after the four datasets; holds their row counts
+                                    and the shard's trace summary (what the manifest adds up)
+
+Every file is written to a temporary name, fsynced, renamed into place and its folder fsynced. A shard counts as
+committed once its marker exists: readers (training) take only committed shards' files (`committed_files`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -75,10 +80,50 @@ class RefineStore:
         return json.loads(self.done_marker(shard).read_text())
 
     def commit_shard(self, shard: int, tables: dict[str, pa.Table], info: dict) -> None:
-        """Write each dataset's shard file atomically, then the marker; a crash before the marker re-runs the shard."""
-        for name in DATASETS:
-            write_parquet_atomic(self.dataset_dir(name) / f"{shard_name(shard)}.parquet", tables[name])
-        write_text_atomic(self.done_marker(shard), json.dumps(info, sort_keys=True))
+        """Write each dataset's shard file atomically (fsynced), then the marker; a crash before the marker re-runs
+        the shard. A failed write (e.g. a full disk) removes this shard's files again and raises StoreWriteError;
+        other shards' files are never touched."""
+        written: list[Path] = []
+        try:
+            for name in DATASETS:
+                path = self.dataset_dir(name) / f"{shard_name(shard)}.parquet"
+                write_parquet_atomic(path, tables[name])
+                written.append(path)
+            write_text_atomic(self.done_marker(shard), json.dumps(info, sort_keys=True))
+        except StoreWriteError as e:
+            # Not committed: leave no file a reader could take for data (the marker too: its rename may have
+            # happened before the folder's fsync failed).
+            for path in [*written, self.done_marker(shard)]:
+                path.unlink(missing_ok=True)
+            raise StoreWriteError(f"shard {shard} was not committed: {e}. Committed shards are kept; free space "
+                                  "and rerun to resume from this shard.") from e
+
+    # -- what a reader may use
+    def committed_shards(self) -> tuple[list[int], int]:
+        """(committed shard numbers, number of shards the input was cut into); ([], 0) before any ingest."""
+        state = self.read_state() or {}
+        shards = [s["shard"] for s in state.get("shards", [])]
+        return [s for s in shards if self.is_done(s)], len(shards)
+
+    def committed_files(self, name: str) -> list[Path]:
+        """The dataset's shard files whose commit marker exists; a file whose marker is missing may be half of an
+        interrupted commit."""
+        done, _ = self.committed_shards()
+        files = [self.dataset_dir(name) / f"{shard_name(s)}.parquet" for s in done]
+        return [f for f in files if f.is_file()]
+
+
+def refine_store_of(dataset_dir: Path) -> RefineStore | None:
+    """The RefineStore a folder such as <run_dir>/refine/sft belongs to, or None for any other folder."""
+    dataset_dir = Path(dataset_dir)
+    if dataset_dir.name not in DATASETS:
+        return None
+    store = RefineStore(dataset_dir.parent.parent)
+    return store if store.root == dataset_dir.parent and store.state_path.is_file() else None
+
+
+class StoreWriteError(RuntimeError):
+    """A refine file could not be written (a full disk, a read-only or vanished folder). Committed shards stay."""
 
 
 def _tmp_in(path: Path) -> str:
@@ -88,24 +133,49 @@ def _tmp_in(path: Path) -> str:
     return tmp
 
 
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    tmp = _tmp_in(path)
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        os.fsync(fd)
     finally:
-        if os.path.exists(tmp):
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through `write(tmp_path)`, fsync the file, rename it into place and fsync the folder: a crash or power
+    loss leaves the old file or the new one, never a torn one. An OSError becomes a StoreWriteError naming the
+    path (the temporary file is removed)."""
+    tmp = None
+    try:
+        tmp = _tmp_in(path)
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise StoreWriteError(f"could not write {path}: {reason} ({type(e).__name__}: {e})") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_in(path)
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    _write_atomic(path, write)

@@ -33,10 +33,20 @@ TOKENIZED_FILE = "tokenized.arrow"
 # ----------------------------------------------------------------------------------------------------------
 
 def list_parquet_files(path: str | Path, what: str = "dataset") -> list[Path]:
-    """A Parquet file, or the sorted `*.parquet` files under a directory."""
+    """A Parquet file, or the sorted `*.parquet` files under a directory. A refine dataset folder
+    (<run_dir>/refine/sft, .../pairs) gives only its committed shards: a shard's file can exist before its commit
+    marker (a run in progress or killed mid-commit)."""
+    from crv_ray.refine.store import refine_store_of
+
     path = Path(path)
     if path.is_file():
         return [path]
+    store = refine_store_of(path) if path.is_dir() else None
+    if store is not None:
+        files = store.committed_files(path.name)
+        if files:
+            return files
+        raise ValueError(f"{what} directory {str(path)!r} holds no committed refine shard yet (run `crv-ray refine`)")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
         if files:
