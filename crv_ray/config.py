@@ -223,7 +223,8 @@ class SyntheticConfig(_Strict):
 
 class InputConfig(_Strict):
     source: Literal["synthetic", "file", "hf"] = Field("synthetic", description="Where problems come from.")
-    path: str | None = Field(None, description="JSONL/Parquet file or folder, a saved `datasets` folder, or a hub name.")
+    path: str | None = Field(None, description="JSONL, JSON (an array of rows) or Parquet file or folder, a saved "
+                             "`datasets` folder, or a hub name.")
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     split: str = Field("train", description="Split, for `datasets` inputs.")
     columns: ColumnMap = Field(default_factory=ColumnMap)
@@ -232,6 +233,11 @@ class InputConfig(_Strict):
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many rows.")
     max_cot_chars: int | None = Field(None, ge=1, description="Quarantine CoTs longer than this many characters.")
+    max_bad_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop at ingest, showing counts and the first reasons, when more than this "
+        "share of an input of at least 20 rows is unusable (wrong columns, wrong format); 1.0 never stops. Fewer bad "
+        "rows are quarantined (errors dataset) and the run goes on.",
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     on_no_answer: Literal["judge", "drop", "keep_unverified"] = Field(
         "judge",
@@ -360,14 +366,71 @@ class RunConfig(_Strict):
         return self
 
     def refine_hash(self) -> str:
-        """Hash of everything that changes refine outputs (not where or how fast it runs)."""
+        """Hash of what changes refine outputs: models, prompts, sampling, input, answer handling, shard size.
+        Where and how fast a run goes (replicas, batch sizes, concurrency, QPS, timeouts, memory, refine.mode) is
+        left out, so changing it resumes a run instead of refusing it. A field not named in `_NOT_IN_REFINE_HASH`
+        counts, so a new field is safe by default."""
+        d = self.model_dump(mode="json")
+        for key in _NOT_IN_REFINE_HASH["run"]:
+            d.pop(key, None)
+        for section in ("refine", "input"):
+            for key in _NOT_IN_REFINE_HASH[section]:
+                d[section].pop(key, None)
+        d["roles"]["critic"].pop("max_fallback_rate", None)  # decides whether a run stops, not what it writes
+        for engine in d["engines"].values():
+            for key in _NOT_IN_REFINE_HASH[engine["kind"]]:
+                engine.pop(key, None)
+            if "engine_kwargs" in engine:
+                engine["engine_kwargs"] = {k: v for k, v in engine["engine_kwargs"].items()
+                                           if k not in _RUNTIME_VLLM_KWARGS}
+        return _hash(d)
+
+    def legacy_refine_hash(self) -> str:
+        """refine_hash as crv-ray computed it before it left out runtime knobs (fields added since dropped), so a
+        run directory of that version resumes under the same config instead of being taken for another one."""
         d = self.model_dump(mode="json")
         for key in ("ray", "train", "run_dir", "eval"):
             d.pop(key, None)
         for key in ("watchdog_s", "startup_timeout_s", "max_shards_per_run", "on_config_change"):
             d["refine"].pop(key, None)
-        d["roles"]["critic"].pop("max_fallback_rate", None)  # decides whether a run stops, not what it writes
+        d["input"].pop("max_bad_fraction", None)
+        d["roles"]["critic"].pop("max_fallback_rate", None)
         return _hash(d)
+
+
+# Left out of RunConfig.refine_hash, per section; everything else is in. Reasons:
+# - run: where outputs go, training, eval; `seed` is read by eval only (each role's sampling has its own seed).
+# - vllm: replicas, batching, memory (gpu_memory_utilization, kv_cache_space_gb), CPUs and devices (use_gpu,
+#   accelerator_type, tensor/pipeline parallel split) and enforce_eager change speed and float rounding at most, as
+#   batching does, not which model answers nor how it samples. In the hash stay `model`, `dtype` (the weights'
+#   precision changes logits, so the tokens sampled: a bf16 and an fp32 run are different data), `max_model_len`
+#   (which prompts fit, the others become error rows, and how long a reply may run), `structured_output` (guided
+#   decoding constrains the critic's and judge's replies), `trust_remote_code` (a repo's own model code may stand in
+#   for the built-in one) and every engine_kwargs key not in _RUNTIME_VLLM_KWARGS.
+# - openai: where the endpoint is and how it is called (rate, retries, timeouts, client actors); `model` names
+#   what answers, `max_model_len` decides which prompts are sent.
+# - refine: mode, watchdogs and stop points decide how a run goes, not what a committed shard holds.
+# - input: max_bad_fraction decides whether ingest stops, not what a row becomes.
+_NOT_IN_REFINE_HASH: dict[str, tuple[str, ...]] = {
+    "run": ("ray", "train", "run_dir", "eval", "seed"),
+    "vllm": ("tensor_parallel_size", "pipeline_parallel_size", "replicas", "batch_size", "max_num_seqs",
+             "enforce_eager", "gpu_memory_utilization", "use_gpu", "accelerator_type", "cpus_per_replica",
+             "kv_cache_space_gb"),
+    "openai": ("base_url", "api_key_env", "concurrency", "batch_size", "qps", "max_retries", "base_retry_wait_s",
+               "timeout_s"),
+    "scripted": (),
+    "refine": ("mode", "watchdog_s", "startup_timeout_s", "max_shards_per_run", "on_config_change"),
+    "input": ("max_bad_fraction",),
+}
+# vLLM engine arguments that size, schedule or place the engine (same outputs up to float rounding). Others —
+# quantization, kv_cache_dtype, seed, revision, tokenizer, rope scaling, generation config — stay in the hash.
+_RUNTIME_VLLM_KWARGS = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching",
+    "enable_chunked_prefill", "swap_space", "cpu_offload_gb", "block_size", "disable_log_stats",
+    "distributed_executor_backend", "tensor_parallel_size", "pipeline_parallel_size", "max_seq_len_to_capture",
+    "compilation_config", "disable_custom_all_reduce", "num_gpu_blocks_override", "kv_cache_memory_bytes",
+    "async_scheduling", "max_parallel_loading_workers",
+})
 
 
 # ---------------------------------------------------------------- loading
