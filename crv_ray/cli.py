@@ -13,6 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from crv_ray import console
 from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
 
 
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crv_ray.stages import run_train_stage
 
     cfg = _load(args)
-    out = run_train_stage(cfg, args.stage)
+    out = run_train_stage(cfg, args.stage, allow_partial=args.allow_partial)
     _print_outputs(f"{args.stage} outputs:", out)
     return 0
 
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="SFT or CogPO training on Ray Train")
     sp.add_argument("stage", metavar="STAGE", help="sft, cogpo, or the name of a train.cogpo_variants entry")
     add_common(sp)
+    sp.add_argument("--allow-partial", action="store_true",
+                    help="train on the committed shards of an unfinished refine (refused by default)")
     sp.set_defaults(fn=cmd_train)
 
     sp = sub.add_parser("run", help="refine -> sft -> reference log-probs -> cogpo -> eval, skipping finished stages")
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.enable(verbose=args.verbose)  # Ray's unactionable warnings are dropped unless -v
     try:
         return args.fn(args)
     except ConfigError as e:
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"crv-ray: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        console.disable()  # the descriptors are the process's own again (main() may be called in-process)
 
 
 if __name__ == "__main__":

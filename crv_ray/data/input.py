@@ -1,8 +1,9 @@
-"""Reading problems: JSONL, Parquet, `datasets` folders/hub names, or the synthetic generator.
+"""Reading problems: JSONL, JSON arrays, Parquet, `datasets` folders/hub names, or the synthetic generator.
 
 Every input row becomes exactly one record. A row that cannot be used (bad JSON, non-UTF-8 bytes, a missing or
 empty field, a duplicate id, an over-long CoT) becomes a record with `error_stage="input"` and a reason that names
-the file, line and field, so it reaches trace and errors instead of vanishing.
+the file, line and field, so it reaches trace and errors instead of vanishing. An input that is mostly such rows
+stops the run at ingest instead (`check_bad_fraction`).
 """
 
 from __future__ import annotations
@@ -52,9 +53,50 @@ def _files(path: Path, patterns: tuple[str, ...]) -> list[Path]:
     return out
 
 
+_JSON_PATTERNS = ("*.jsonl", "*.json", "*.ndjson")
+
+
+def _is_json_array(f: Path) -> bool:
+    """A .json file whose first non-blank byte is '[' holds one JSON array of rows, not JSON lines."""
+    if f.suffix.lower() != ".json":
+        return False
+    with open(f, "rb") as fh:
+        chunk = fh.read(4096).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+        while chunk:
+            head = chunk.lstrip()
+            if head:
+                return head.startswith(b"[")
+            chunk = fh.read(4096)
+    return False
+
+
+def _iter_json_array(f: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Rows of a file holding one JSON array (read whole: such files are not streamable line by line). A file that
+    does not parse is an error for the whole input, naming where; an item that is not an object is a bad row."""
+    try:
+        items = json.loads(f.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input file {f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"input file {f} starts a JSON array but does not parse: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from None
+    if not isinstance(items, list):  # e.g. '[1] [2]' cannot parse, but stay explicit
+        raise ValueError(f"input file {f}: expected a JSON array of objects, got {type(items).__name__}")
+    for i, row in enumerate(items, start=1):
+        loc = f"{f.name}:row{i}"
+        if not isinstance(row, dict):
+            yield loc, None, f"item {i} of the JSON array in {f}: expected a JSON object, got {type(row).__name__}"
+            continue
+        yield loc, row, None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    """Yield (location, row or None, error) per non-blank line; bad bytes or JSON are errors, not crashes."""
-    for f in _files(path, ("*.jsonl", "*.json", "*.ndjson")):
+    """Yield (location, row or None, error) per non-blank line; bad bytes or JSON are errors, not crashes. A .json
+    file holding a JSON array is read as that array's rows."""
+    for f in _files(path, _JSON_PATTERNS):
+        if _is_json_array(f):
+            yield from _iter_json_array(f)
+            continue
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 loc = f"{f.name}:{lineno}"
@@ -76,10 +118,13 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
                 yield loc, row, None
 
 
+_PARQUET_PATTERNS = ("*.parquet", "*.pq")
+
+
 def _iter_parquet(path: Path, columns: list[str], optional: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
     import pyarrow.parquet as pq
 
-    for f in _files(path, ("*.parquet", "*.pq")):
+    for f in _files(path, _PARQUET_PATTERNS):
         pf = pq.ParquetFile(f)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
@@ -141,6 +186,46 @@ def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]
         yield from _iter_parquet(path, wanted, optional)
     else:
         yield from _iter_hf(str(path), cfg.split, wanted, optional)
+
+
+def input_files(cfg: InputConfig) -> list[Path] | None:
+    """The local files a `file` or saved-`datasets` input is read from (what its fingerprint covers); None for
+    synthetic problems and hub names, which have no local files."""
+    if cfg.source == "synthetic" or cfg.path is None:
+        return None
+    path = Path(cfg.path)
+    if not path.exists():
+        if cfg.source == "hf":
+            return None  # a hub name
+        raise ValueError(f"input.path {path} does not exist")
+    fmt = "hf" if cfg.source == "hf" else _detect_format(path, cfg.format)
+    if fmt == "hf":
+        return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return _files(path, _JSON_PATTERNS if fmt == "jsonl" else _PARQUET_PATTERNS)
+
+
+# Below this many rows a mostly-bad input is quarantined row by row: the share says little about a handful.
+MIN_ROWS_FOR_BAD_FRACTION = 20
+
+
+class InputError(ValueError):
+    """The input as a whole is unusable (most rows bad): stop before any model work."""
+
+
+def check_bad_fraction(n_rows: int, n_bad: int, first_reasons: list[str], cfg: InputConfig) -> None:
+    """Raise InputError when more than input.max_bad_fraction of an input of at least MIN_ROWS_FOR_BAD_FRACTION rows
+    is unusable: a wrong column map or format, not a few bad rows, and quarantining them all would only hide it."""
+    if n_rows < MIN_ROWS_FOR_BAD_FRACTION or n_bad <= cfg.max_bad_fraction * n_rows:
+        return
+    where = f"{cfg.source}: {cfg.path}" if cfg.path else cfg.source
+    shown = "\n".join(f"  - {r}" for r in first_reasons)
+    raise InputError(
+        f"{n_bad} of {n_rows} input rows ({n_bad / n_rows:.0%}) are unusable ({where}), more than "
+        f"input.max_bad_fraction={cfg.max_bad_fraction:g}; nothing was refined. First reasons:\n{shown}\n"
+        f"Check input.columns (problem={cfg.columns.problem!r}, answer={cfg.columns.answer!r}, cot={cfg.columns.cot!r}, "
+        f"id={cfg.columns.id!r}), input.format and input.answer_format; to quarantine the bad rows and go on, raise "
+        "input.max_bad_fraction (1.0 never stops)."
+    )
 
 
 def _field(row: dict, name: str, loc: str) -> tuple[str | None, str | None]:

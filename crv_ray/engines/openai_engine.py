@@ -247,7 +247,7 @@ def build_openai_stage(
             fn_constructor_kwargs=ctor_kwargs,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=0.25,  # the actors mostly wait on the network
             udf_modifying_row_count=False,
         )

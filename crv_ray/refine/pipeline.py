@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections import defaultdict
@@ -20,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from crv_ray.config import RunConfig
-from crv_ray.data.input import read_problems
+from crv_ray.data.fingerprint import input_fingerprint
+from crv_ray.data.input import InputError, check_bad_fraction, read_problems
 from crv_ray.engines import build_engine_transform, stage_resources
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.refine.assemble import assemble_shard
@@ -85,6 +87,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
     if state is not None and state.get("ingested"):
         return state
     t0 = time.time()
+    fingerprint = input_fingerprint(cfg.input)  # before reading: runner.check_input compares it on every rerun
     schema = state_schema(cfg.roles.verifier.max_rounds)
     shards: list[dict] = []
     buf: list[dict] = []
@@ -101,12 +104,15 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         buf.clear()
 
     n_in = n_bad = 0
+    first_reasons: list[str] = []
     for rec in read_problems(cfg.input):
         n_in += 1
         row = empty_state(cfg.roles.verifier.max_rounds)
         row.update({k: rec[k] for k in ("problem_id", "source", "problem", "answer", "answer_raw", "cot")})
         if rec["error"] is not None:
             n_bad += 1
+            if len(first_reasons) < 5:
+                first_reasons.append(rec["error"])
             row["error_stage"], row["error"] = "input", rec["error"]
         else:
             row["student_prompt"] = render_student_prompt(rec["problem"], cfg.refine.student_prompt)
@@ -118,9 +124,15 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         flush()
     if n_in == 0:
         raise RefineError(f"the input has no rows ({cfg.input.source}: {cfg.input.path})")
+    try:
+        check_bad_fraction(n_in, n_bad, first_reasons, cfg.input)
+    except InputError:
+        shutil.rmtree(store.work / "input", ignore_errors=True)  # no state written: nothing counts as ingested
+        raise
     state = {
         "config_hash": cfg.refine_hash(),
         "ingested": True,
+        "input_fingerprint": fingerprint,
         "rows_in": n_in,
         "rows_quarantined_at_input": n_bad,
         "shards": [{k: s[k] for k in ("shard", "rows", "no_answer")} for s in shards],
@@ -166,7 +178,10 @@ def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
         ds = ds.flat_map(spec.fanout)
     if spec.engine is None:
         if "callable_class" in spec.extra:
-            return ds.map(spec.extra["callable_class"], fn_constructor_args=(cfg,), concurrency=1)
+            import ray.data
+
+            return ds.map(spec.extra["callable_class"], fn_constructor_args=(cfg,),
+                          compute=ray.data.ActorPoolStrategy(size=1))
         return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)))
     ds = ds.map(_prepare_fn(spec))
     ds = build_engine_transform(cfg, spec, keep=columns + [SKIP])(ds)

@@ -8,9 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crv_ray import console
 from crv_ray.config import RunConfig
+from crv_ray.data.fingerprint import fingerprint_changes, input_fingerprint
 from crv_ray.refine.assemble import assemble_shard
-from crv_ray.refine.manifest import write_manifest
+from crv_ray.refine.manifest import table_summary, write_manifest
 from crv_ray.refine.pipeline import (
     CriticFallbackGuard,
     RefineError,
@@ -61,21 +63,34 @@ def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
-        return
-    # Engine pools reserve logical CPUs for tokenizer/detokenizer actors that mostly sleep: oversubscribing a
-    # small machine is what lets them all start (with 2 logical CPUs the pipeline waits forever).
-    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
-    ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host=cfg.ray.dashboard_host, log_to_driver=False)
+    else:
+        # Engine pools reserve logical CPUs for tokenizer/detokenizer actors that mostly sleep: oversubscribing a
+        # small machine is what lets them all start (with 2 logical CPUs the pipeline waits forever).
+        cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
+        ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+                 log_to_driver=False)
+    console.after_ray_init()
 
 
 class ConfigChanged(RefineError):
     pass
 
 
+class InputChanged(RefineError):
+    pass
+
+
 def _check_config(cfg: RunConfig, store: RefineStore) -> None:
     state = store.read_state()
     if state is None or state.get("config_hash") == cfg.refine_hash():
+        return
+    if state.get("config_hash") == cfg.legacy_refine_hash():
+        # Written by a crv-ray whose hash also covered runtime knobs: the same config, so adopt the new hash.
+        log.info("refine: %s was written under the older config hash %s; now %s (same config)", store.root,
+                 state["config_hash"], cfg.refine_hash())
+        state["config_hash"] = cfg.refine_hash()
+        store.write_state(state)
         return
     policy = cfg.refine.on_config_change
     if policy == "restart":
@@ -95,10 +110,42 @@ def _check_config(cfg: RunConfig, store: RefineStore) -> None:
         )
 
 
+def check_input(cfg: RunConfig, store: RefineStore) -> None:
+    """An input edited after ingest refuses to mix with the shards of its old rows (refine.on_config_change=restart
+    or --restart starts over); a run directory from before fingerprints gets one now."""
+    state = store.read_state()
+    if state is None or not state.get("ingested"):
+        return
+    old = state.get("input_fingerprint")
+    if cfg.input.source == "file" and not Path(cfg.input.path).exists():  # type: ignore[arg-type]
+        # The ingested rows are all a resume needs; there is just nothing to compare them with.
+        log.warning("refine: input %s is gone; resuming from the rows ingested before", cfg.input.path)
+        return
+    new = input_fingerprint(cfg.input, previous=old)
+    changes = fingerprint_changes(old, new) if old is not None else []
+    if not changes:
+        if new != old:  # first fingerprint of an old run directory, or mtimes that moved with the same bytes
+            state["input_fingerprint"] = new
+            store.write_state(state)
+        return
+    listed = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+    if cfg.refine.on_config_change == "restart":
+        log.warning("refine: the input changed since it was ingested (%s): removing old refine outputs", listed)
+        store.reset()
+        return
+    raise InputChanged(
+        f"the input changed since it was ingested into {store.root}: {listed}. Its rows were cut into shards when "
+        "they were first read, and refine outputs of the old rows must not be mixed with new ones: rerun with "
+        "--restart (refine.on_config_change=restart) to discard them and ingest again, or use another run_dir "
+        "(refine.on_config_change=continue does not apply to an edited input)."
+    )
+
+
 def run_refine(cfg: RunConfig) -> RefineResult:
     store = RefineStore(cfg.run_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, store)
+    check_input(cfg, store)
     t_start = time.time()
     state = ingest(cfg, store)
     shards = state["shards"]
@@ -119,7 +166,8 @@ def run_refine(cfg: RunConfig) -> RefineResult:
         critic_guard(shard, [rows[0] for rows in by_problem.values()])  # raises before a bad first shard commits
         tables = assemble_shard(cfg, by_problem, config_hash)
         info = {name: tables[name].num_rows for name in DATASETS}
-        info.update(shard=shard, committed_at=time.time())
+        # The manifest adds these up instead of reading every trace row back.
+        info.update(shard=shard, committed_at=time.time(), summary=table_summary(tables["trace"]))
         store.commit_shard(shard, tables, info)
         done_now += 1
         elapsed = time.time() - t_start
