@@ -51,6 +51,8 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... and would then warn "Progress bars disabled" about the choice made just above.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
