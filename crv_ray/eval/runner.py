@@ -18,15 +18,16 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow as pa
 
 from crv_ray.answers import check_answer
 from crv_ray.config import RunConfig, Sampling, VLLMEngineConfig
+from crv_ray.engines import vllm_engine
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.eval.benchmarks import Benchmark, load_benchmark, select_benchmarks
 from crv_ray.eval.config import PROBLEM_PLACEHOLDER, EvalConfig
@@ -115,27 +116,30 @@ def eval_engine(cfg: RunConfig) -> VLLMEngineConfig:
 
 
 def _ensure_ray(cfg: RunConfig, engine_name: str) -> None:
-    """A Ray cluster with room for one vLLM pool; a local Ray started too small (by a stage that needed less) is
-    restarted, since ray.data.llm waits forever for CPUs it cannot get."""
+    """A Ray cluster with room for one vLLM pool and its caller; a local Ray started too small (by a stage that
+    needed less) is restarted, since the pool would wait forever for CPUs it cannot get."""
     import ray
 
-    from crv_ray.engines import stage_resources
+    from crv_ray.engines import caller_resources, pool_resources
     from crv_ray.refine.runner import init_ray, quiet_ray_data
 
-    ref = SimpleNamespace(engine=engine_name)  # stage_resources reads only the engine name of a stage
-    need_cpus = int(stage_resources(cfg, ref)["CPU"]) + 2  # + the scoring map tasks and the driver's reads
+    def need() -> dict[str, float]:
+        pool, caller = pool_resources(cfg, engine_name), caller_resources(cfg, engine_name)
+        return {k: pool[k] + caller[k] for k in ("CPU", "GPU")}
+
+    need_cpus = int(need()["CPU"] + 0.999) + 2  # + the scoring map tasks and the driver's reads
     if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < need_cpus and not cfg.ray.address \
             and not cfg.ray.num_cpus:
         log.info("restarting the local Ray with %d logical CPUs for the eval engine", need_cpus)
         ray.shutdown()
     init_ray(cfg, need_cpus)
     quiet_ray_data()
-    need = stage_resources(cfg, ref)  # again, now that the cluster can say whether it has GPUs
+    needed = need()  # again, now that the cluster can say whether it has GPUs
     have = ray.cluster_resources()
     for res in ("CPU", "GPU"):
-        if need[res] > have.get(res, 0) + 1e-9:
-            raise EvalError(f"the eval engine needs {need[res]:g} {res} (engine {engine_name!r}), the Ray cluster has "
-                            f"{have.get(res, 0):g}" + (" (raise ray.num_cpus)" if res == "CPU" else ""))
+        if needed[res] > have.get(res, 0) + 1e-9:
+            raise EvalError(f"the eval engine needs {needed[res]:g} {res} (engine {engine_name!r}), the Ray cluster "
+                            f"has {have.get(res, 0):g}" + (" (raise ray.num_cpus)" if res == "CPU" else ""))
 
 
 # ------------------------------------------------------------------ work items
@@ -199,14 +203,14 @@ def _score_fn(cfg: RunConfig):
     return score
 
 
-def generate_and_score(cfg: RunConfig, engine: VLLMEngineConfig, model: EvalModel, items: list[dict],
-                       sampling: Sampling, what: str) -> list[dict]:
+def generate_and_score(cfg: RunConfig, make_transform: Callable, items: list[dict], sampling: Sampling,
+                       what: str) -> list[dict]:
+    """make_transform: what `engines.vllm_engine.open_vllm` yields (one loaded model, any sampling)."""
     import ray
 
-    from crv_ray.engines.vllm_engine import build_vllm_transform
     from crv_ray.refine.pipeline import RefineStalled, iterate_with_watchdog
 
-    transform = build_vllm_transform(engine, model.path, sampling, None, keep=_KEEP + [SKIP])
+    transform = make_transform(sampling, None, _KEEP + [SKIP])
     ds = transform(ray.data.from_items(items)).map(_score_fn(cfg))
     rows: list[dict] = []
     try:
@@ -325,11 +329,14 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
         passes = [(GREEDY, greedy_sampling)] if ecfg.greedy else []
         passes += [(SAMPLED, ecfg.sampling)] if ecfg.sampled else []
         rows: list[dict] = []
-        for mode, sampling in passes:
-            items = work_items(pending, ecfg, mode, cfg.seed if ecfg.sampling.seed is None else ecfg.sampling.seed)
-            print(f"[eval] {model.name}: {mode} pass, {len(items)} generation(s) over {n_problems} problem(s) of "
-                  f"{', '.join(b.name for b in pending)} ({model.spec})", flush=True)
-            rows += generate_and_score(cfg, engine, model, items, sampling, f"eval {model.name} ({mode})")
+        # One load per model for both passes.
+        with vllm_engine.open_vllm(f"eval-{model.name}", engine, model.path, ecfg.startup_timeout_s) as make:
+            for mode, sampling in passes:
+                items = work_items(pending, ecfg, mode,
+                                   cfg.seed if ecfg.sampling.seed is None else ecfg.sampling.seed)
+                print(f"[eval] {model.name}: {mode} pass, {len(items)} generation(s) over {n_problems} problem(s) "
+                      f"of {', '.join(b.name for b in pending)} ({model.spec})", flush=True)
+                rows += generate_and_score(cfg, make, items, sampling, f"eval {model.name} ({mode})")
         wall = time.time() - t0
         for b in pending:
             b_rows = [r for r in rows if r["benchmark"] == b.name]

@@ -23,7 +23,7 @@ import pyarrow as pa
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
-from crv_ray.engines import build_engine_transform, stage_resources
+from crv_ray.engines import EnginePools, build_engine_transform, caller_resources, pool_resources
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.refine.assemble import assemble_shard
 from crv_ray.refine.guards import critic_fallback_stats, shorten
@@ -173,7 +173,7 @@ def _apply_fn(spec: StageSpec, columns: list[str]) -> Callable[[dict], dict]:
     return apply
 
 
-def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
+def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str], pools: EnginePools | None = None):
     if spec.fanout is not None:
         ds = ds.flat_map(spec.fanout)
     if spec.engine is None:
@@ -184,7 +184,8 @@ def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str]):
                           compute=ray.data.ActorPoolStrategy(size=1))
         return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)))
     ds = ds.map(_prepare_fn(spec))
-    ds = build_engine_transform(cfg, spec, keep=columns + [SKIP])(ds)
+    ds = build_engine_transform(cfg, spec.engine, spec.sampling, spec.structured, columns + [SKIP], caller=spec.name,
+                                pools=pools)(ds)
     return ds.map(_apply_fn(spec, columns))
 
 
@@ -286,44 +287,53 @@ def _read(files: list[Path], schema: pa.Schema):
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
-                  commit: Callable[[int, dict], None]) -> dict[str, float]:
+                  commit: Callable[[int, dict], None], pools: EnginePools) -> dict[str, float]:
+    """Every pool up at once; the stages are light steps that call them, with no bubble between stages."""
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
+    pools.ensure(s.engine for s in stages if s.engine is not None)
     ds = _read([store.input_file(s["shard"]) for s in shards], schema)
     for spec in stages:
-        ds = apply_stage(ds, cfg, spec, columns)
+        ds = apply_stage(ds, cfg, spec, columns, pools)
     collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit)
     run_dataset(ds, collector, cfg, "refine (streaming)", columns)
     return {}  # stages overlap in streaming mode: only the run's total wall time is meaningful
 
 
 def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
-               commit: Callable[[int, dict], None],
+               commit: Callable[[int, dict], None], pools: EnginePools,
                critic_guard: Callable[[int, list[dict]], bool] | None = None) -> dict[str, float]:
     """One stage at a time over all pending shards; each stage's output lands on disk before the next starts.
 
-    `critic_guard(shard, rows)` sees the shards in order right after the last critic stage (it may raise)."""
+    A pool loads before the first stage that needs it and unloads after its last one, so with the usual order
+    (judge, critic, rethink/verify rounds, injection on the agent; then the student) one model is resident at a time
+    and each loads once. `critic_guard(shard, rows)` sees the shards in order right after the last critic stage
+    (it may raise)."""
     import pyarrow.parquet as pq
 
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
     walls: dict[str, float] = {}
+    last_use = {s.engine: i for i, s in enumerate(stages) if s.engine is not None}
     for i, spec in enumerate(stages):
         t0 = time.time()
         stage_dir = f"{i:02d}-{spec.name}"
         todo = [s for s in shards if not store.stage_file(stage_dir, s["shard"]).exists()]
         if todo:
+            if spec.engine is not None:
+                pools.ensure([spec.engine])
             print(f"[refine] stage {i + 1}/{len(stages)} {spec.name}: {len(todo)} shard(s)", flush=True)
 
             def write(shard: int, by_problem: dict[str, list[dict]], _d: str = stage_dir) -> None:
                 rows = [r for pid in sorted(by_problem) for r in by_problem[pid]]
                 write_parquet_atomic(store.stage_file(_d, shard), to_table(rows, schema))
 
-            ds = apply_stage(_read([prev[s["shard"]] for s in todo], schema), cfg, spec, columns)
+            ds = apply_stage(_read([prev[s["shard"]] for s in todo], schema), cfg, spec, columns, pools)
             run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write), cfg,
                         f"refine stage {spec.name}", columns)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
+        pools.release(name for name in last_use if last_use[name] == i)
         walls[spec.name] = round(time.time() - t0, 3)
         if todo:
             print(f"[refine] stage {spec.name} done in {walls[spec.name]:.0f}s", flush=True)
@@ -342,32 +352,52 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
 
 
 # ------------------------------------------------------------------ resources
+def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[str, float]]]:
+    """(what runs, resources held) at each point of the run: streaming holds every pool at once; staged holds, per
+    stage, the pools whose first..last use spans it (each pool counted once, however many engines name it)."""
+    pools = EnginePools(cfg, 0)
+    used = [(i, s) for i, s in enumerate(stages) if s.engine is not None]
+    if not used:
+        return []
+
+    def total(engines: set[str], callers: list[str]) -> dict[str, float]:
+        seen: dict[str, dict[str, float]] = {}
+        for name in engines:
+            seen[pools.key(name) or f"-{name}"] = pool_resources(cfg, name)
+        out = {"CPU": 0.0, "GPU": 0.0}
+        for r in list(seen.values()) + [caller_resources(cfg, n) for n in callers]:
+            out["CPU"] += r["CPU"]
+            out["GPU"] += r["GPU"]
+        return out
+
+    if cfg.refine.mode == "streaming":
+        return [("all role pools together (refine.mode=streaming)",
+                 total({s.engine for _, s in used}, [s.engine for _, s in used]))]
+    first = {}
+    for i, s in used:
+        first.setdefault(s.engine, i)
+    last = {s.engine: i for i, s in used}
+    return [(f"stage {s.name} (refine.mode=staged)",
+             total({e for e in first if first[e] <= i <= last[e]}, [s.engine])) for i, s in used]
+
+
 def check_resources(cfg: RunConfig, stages: list[StageSpec]) -> dict:
-    """Fail before starting when the role pools cannot fit (ray.data.llm would otherwise wait forever)."""
+    """Fail before starting when the pools cannot fit (they would otherwise wait for resources forever)."""
     import ray
 
     have = ray.cluster_resources()
-    per_stage = [(s.name, stage_resources(cfg, s)) for s in stages if s.engine is not None]
-    if cfg.refine.mode == "streaming":
-        need = {"CPU": sum(r["CPU"] for _, r in per_stage), "GPU": sum(r["GPU"] for _, r in per_stage)}
-        scope = "all role pools together (refine.mode=streaming)"
-    else:
-        need = {"CPU": max((r["CPU"] for _, r in per_stage), default=0),
-                "GPU": max((r["GPU"] for _, r in per_stage), default=0)}
-        scope = "the largest single stage (refine.mode=staged)"
-    problems = [f"{k}: need {need[k]:g} for {scope}, cluster has {have.get(k, 0):g}"
-                for k in ("CPU", "GPU") if need[k] > have.get(k, 0) + 1e-9]
+    points = _resident(cfg, stages)
+    need = {k: max((r[k] for _, r in points), default=0.0) for k in ("CPU", "GPU")}
+    problems = [f"{k}: need {r[k]:g} for {what}, cluster has {have.get(k, 0):g}"
+                for what, r in points for k in ("CPU", "GPU") if r[k] > have.get(k, 0) + 1e-9]
     if problems:
-        detail = ", ".join(f"{n}={r['CPU']:g} CPU/{r['GPU']:g} GPU" for n, r in per_stage)
         hint = ("use refine.mode=staged, fewer replicas, or a bigger cluster" if cfg.refine.mode == "streaming"
                 else "use fewer replicas or tensor_parallel_size, or a bigger cluster")
-        raise RefineError("the role pools do not fit the Ray cluster: " + "; ".join(problems)
-                          + f" (per stage: {detail}); {hint}")
+        raise RefineError("the engine pools do not fit the Ray cluster: " + "; ".join(dict.fromkeys(problems))
+                          + f"; {hint}")
     return need
 
 
 def required_local_cpus(cfg: RunConfig) -> int:
-    stages = build_stages(cfg)
-    per = [stage_resources(cfg, s)["CPU"] for s in stages if s.engine is not None]
-    need = sum(per) if cfg.refine.mode == "streaming" else max(per, default=0)
-    return int(need) + 2  # + driver-side map tasks
+    need = max((r["CPU"] for _, r in _resident(cfg, build_stages(cfg))), default=0.0)
+    return int(need + 0.999) + 2  # + driver-side map tasks

@@ -11,6 +11,7 @@ from pathlib import Path
 from crv_ray import console
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import fingerprint_changes, input_fingerprint
+from crv_ray.engines import EnginePools
 from crv_ray.refine.assemble import assemble_shard
 from crv_ray.refine.manifest import table_summary, write_manifest
 from crv_ray.refine.pipeline import (
@@ -66,8 +67,8 @@ def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
-        # Engine pools reserve logical CPUs for tokenizer/detokenizer actors that mostly sleep: oversubscribing a
-        # small machine is what lets them all start (with 2 logical CPUs the pipeline waits forever).
+        # Engine actors and the stage actors that wait on them reserve logical CPUs they mostly sleep on:
+        # oversubscribing a small machine is what lets them all start (with 2 logical CPUs a pipeline waits forever).
         cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
         ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus,
                  include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
@@ -180,14 +181,18 @@ def run_refine(cfg: RunConfig) -> RefineResult:
         init_ray(cfg, required_local_cpus(cfg))
         check_resources(cfg, stages)
         t0 = time.time()
-        if cfg.refine.mode == "streaming":
-            stage_walls = run_streaming(cfg, store, stages, pending, commit)
-        else:
-            stage_walls = run_staged(cfg, store, stages, pending, commit, critic_guard=critic_guard)
+        pools = EnginePools(cfg, cfg.refine.startup_timeout_s)
+        try:
+            if cfg.refine.mode == "streaming":
+                stage_walls = run_streaming(cfg, store, stages, pending, commit, pools)
+            else:
+                stage_walls = run_staged(cfg, store, stages, pending, commit, pools, critic_guard=critic_guard)
+        finally:
+            pools.close()
         state = store.read_state() or state
         state.setdefault("runs", []).append({"mode": cfg.refine.mode, "shards": len(pending),
                                              "wall_s": round(time.time() - t0, 3), "started_at": t_start,
-                                             "stage_wall_s": stage_walls})
+                                             "stage_wall_s": stage_walls, "engine_pools": pools.stats()})
         store.write_state(state)
     manifest = write_manifest(cfg, store)
     return RefineResult(Path(cfg.run_dir), manifest, shards_run=len(pending), shards_skipped=skipped)

