@@ -37,7 +37,7 @@ class EnginePools:
         self._pools: dict[str, object] = {}  # pool key -> VLLMPool
         self._load_s: dict[str, float] = {}
         self._history: dict[str, dict] = {}
-        self._load_log = None
+        self._load_log: tuple | None = None  # (name, handle) of the pools' LoadLog
 
     def key(self, name: str) -> str | None:
         engine = self.cfg.engines[name]
@@ -51,7 +51,7 @@ class EnginePools:
         return sorted(n for n in self.cfg.engines if self.key(n) == key)
 
     def ensure(self, names: Iterable[str]) -> None:
-        from crv_ray.engines.vllm_pool import LoadLog, VLLMPool
+        from crv_ray.engines.vllm_pool import VLLMPool, new_load_log
 
         new = []
         for name in dict.fromkeys(names):
@@ -59,9 +59,10 @@ class EnginePools:
             if k is None or k in self._pools:
                 continue
             if self._load_log is None:
-                self._load_log = LoadLog.remote()
+                self._load_log = new_load_log()
             engine = self.cfg.engines[name]
-            pool = VLLMPool("+".join(self.names_of(k)), engine, resolved_model_path(engine.model), self._load_log)
+            pool = VLLMPool("+".join(self.names_of(k)), engine, resolved_model_path(engine.model),
+                            self._load_log[0])
             pool.start()
             self._pools[k] = pool
             new.append((k, pool))
@@ -87,7 +88,7 @@ class EnginePools:
     def _record(self, k: str, pool) -> None:
         import ray
 
-        loads = [x for x in ray.get(self._load_log.all.remote()) if x["pool"] == pool.name]
+        loads = [x for x in ray.get(self._load_log[1].all.remote()) if x["pool"] == pool.name]
         self._history[pool.name] = {"engines": self.names_of(k), "model": pool.cfg.model,
                                     "replicas": pool.cfg.replicas, "loads": len(loads),
                                     "ready_s": round(self._load_s.get(k, 0.0), 3),

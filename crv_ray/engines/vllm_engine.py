@@ -11,6 +11,7 @@ import pyarrow as pa
 import ray
 
 from crv_ray.config import Sampling, VLLMEngineConfig
+from crv_ray.engines import CALLER_CPUS
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.engines.vllm_pool import PoolClient, sampling_dict, uses_gpu
 
@@ -59,8 +60,10 @@ def build_vllm_transform(cfg: VLLMEngineConfig, client: PoolClient, sampling: Sa
             PoolStage, fn_constructor_kwargs={"client": client, "base": base, "seeded": seeded, "keep": keep,
                                               "key_column": key_column},
             batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=inflight),
-            max_concurrency=inflight, num_cpus=0.25)  # waits on the engine; the CPU share only counts it
+            # One async actor keeps `inflight` batches waiting on the pool at once (no process per batch).
+            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=inflight,
+                                               max_concurrent_calls_per_actor=inflight),
+            num_cpus=CALLER_CPUS)
 
     return transform
 
@@ -70,10 +73,10 @@ def open_vllm(name: str, cfg: VLLMEngineConfig, model_path: str, startup_timeout
               key_column: str = "problem_id") -> Iterator[Callable[[Sampling, dict | None, list[str]], Callable]]:
     """Load one pool for `model_path` (a model that no `engines:` entry names, e.g. a trained student under eval)
     and yield `make(sampling, structured, keep) -> transform`; every transform made shares the one load."""
-    from crv_ray.engines.vllm_pool import LoadLog, VLLMPool
+    from crv_ray.engines.vllm_pool import VLLMPool, new_load_log
 
-    load_log = LoadLog.remote()
-    pool = VLLMPool(name, cfg, model_path, load_log)
+    log_name, load_log = new_load_log()
+    pool = VLLMPool(name, cfg, model_path, log_name)
     pool.start()
     try:
         secs = pool.wait_ready(startup_timeout_s)

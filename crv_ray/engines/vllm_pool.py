@@ -89,14 +89,29 @@ def replica_for(key: str, n: int) -> int:
 # ------------------------------------------------------------------ the engine actor
 @ray.remote(num_cpus=0)
 class LoadLog:
-    """Counts engine loads per pool (a restarted actor reloads its model, and its own counters restart with it)."""
+    """The pools' witness, outside the engines (a dying engine takes its own memory with it): counts loads per pool,
+    and knows which call was running alone on an engine when that engine died, i.e. which call killed it."""
 
     def __init__(self) -> None:
         self.loads: list[dict] = []
+        self.running_alone: dict[tuple[str, int], str] = {}
+        self.culprits: set[str] = set()
 
     def loaded(self, pool: str, replica: int, pid: int, seconds: float) -> int:
+        culprit = self.running_alone.pop((pool, replica), None)
+        if culprit is not None:  # the previous engine of this replica died during that call
+            self.culprits.add(culprit)
         self.loads.append({"pool": pool, "replica": replica, "pid": pid, "load_s": round(seconds, 3)})
-        return sum(1 for x in self.loads if x["pool"] == pool)
+        return self.count(pool)
+
+    def alone(self, pool: str, replica: int, call_id: str | None) -> None:
+        if call_id is None:
+            self.running_alone.pop((pool, replica), None)
+        else:
+            self.running_alone[(pool, replica)] = call_id
+
+    def is_culprit(self, call_id: str) -> bool:
+        return call_id in self.culprits
 
     def count(self, pool: str) -> int:
         return sum(1 for x in self.loads if x["pool"] == pool)
@@ -105,8 +120,14 @@ class LoadLog:
         return list(self.loads)
 
 
+def new_load_log():
+    """(name, handle) of a fresh LoadLog; the caller keeps the handle (the actor lives as long as it)."""
+    name = f"crv_ray_engine_loads_{uuid.uuid4().hex[:12]}"
+    return name, LoadLog.options(name=name).remote()
+
+
 class VLLMEngineActor:
-    def __init__(self, pool: str, replica: int, model_path: str, kwargs: dict, load_log, max_pending: int):
+    def __init__(self, pool: str, replica: int, model_path: str, kwargs: dict, load_log: str, max_pending: int):
         t0 = time.time()
         import vllm
         from transformers import AutoTokenizer
@@ -117,16 +138,38 @@ class VLLMEngineActor:
         self.max_len = int(kwargs["max_model_len"])
         # Too many requests queued inside vLLM slow it down; the rest wait here.
         self.semaphore = asyncio.Semaphore(max_pending)
+        self.exclusive = asyncio.Lock()
+        self.active = 0
         self.fault = os.environ.get(FAULT_ENV) or None
-        n = ray.get(load_log.loaded.remote(pool, replica, os.getpid(), time.time() - t0))
+        self.pool, self.replica = pool, replica
+        # By name, not handle: a handle among the arguments puts them in the object store, where a restart could
+        # lose them.
+        self.log = ray.get_actor(load_log)
+        n = ray.get(self.log.loaded.remote(pool, replica, os.getpid(), time.time() - t0))
         print(f"[engine {pool}] replica {replica} loaded {model_path} in {time.time() - t0:.0f}s (load {n})",
               flush=True)
 
     def ready(self) -> bool:
         return True
 
-    async def generate(self, requests: list[dict]) -> list[dict]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+    async def generate(self, requests: list[dict], call_id: str | None = None) -> list[dict]:
+        """call_id set: run alone on the engine (nothing else in flight) and tell the LoadLog, so that if the engine
+        dies now, this call is known to have killed it. Suspects after a crash run this way; all else shares."""
+        if call_id is not None:
+            async with self.exclusive:
+                while self.active:
+                    await asyncio.sleep(0.05)
+                await self.log.alone.remote(self.pool, self.replica, call_id)
+                out = list(await asyncio.gather(*(self._one(r) for r in requests)))
+                await self.log.alone.remote(self.pool, self.replica, None)
+                return out
+        while self.exclusive.locked():
+            await asyncio.sleep(0.05)
+        self.active += 1  # no await between the check and here: the event loop cannot interleave a suspect
+        try:
+            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        finally:
+            self.active -= 1
 
     async def _one(self, req: dict) -> dict:
         import vllm
@@ -175,9 +218,9 @@ def _error_reply(reason: str, prompt_tokens: int = 0) -> dict:
 class PoolClient:
     name: str
     actors: list  # one handle per replica
-    load_log: Any
+    load_log: str  # the LoadLog actor's name
     max_loads: int  # replicas + max_restarts
-    isolate: bool = True
+    startup_timeout_s: float = 1800.0
 
     def generate(self, requests: list[dict], keys: list[str]) -> list[dict]:
         """Blocking variant (tests, scripts)."""
@@ -188,36 +231,58 @@ class PoolClient:
         for i, k in enumerate(keys):
             by_replica.setdefault(replica_for(k, len(self.actors)), []).append(i)
         out: list[dict | None] = [None] * len(requests)
-        parts = await asyncio.gather(*(self._call(r, [requests[i] for i in idx], retry=True)
+        parts = await asyncio.gather(*(self._call(r, [requests[i] for i in idx], alone=False)
                                        for r, idx in by_replica.items()))
         for idx, replies in zip(by_replica.values(), parts):
             for i, rep in zip(idx, replies):
                 out[i] = rep
         return out  # type: ignore[return-value]
 
-    async def _call(self, replica: int, reqs: list[dict], retry: bool) -> list[dict]:
-        """A call that crashes the engine is tried once more (the crash may have been another request's: every
-        call in flight fails with the engine), then split in halves until the row that crashes it stands alone.
-        A lone row gets its retry too, so a crash caused elsewhere cannot quarantine it."""
+    async def _call(self, replica: int, reqs: list[dict], alone: bool, tries: int = 0) -> list[dict]:
+        """A call that fails when its engine dies may have been killed by another request: it runs again alone on
+        the engine. A call that kills the engine while alone holds a poison row: it is split in halves, each run
+        alone, until that row stands alone and becomes an error reply. Crashes per poison row: about
+        2 + log2(batch_size); another row's crash never quarantines a row."""
         from ray.exceptions import RayActorError
 
+        actor = self.actors[replica]
+        await self._ready(actor)
+        call_id = uuid.uuid4().hex if alone else None
         try:
-            return await self.actors[replica].generate.remote(reqs)
+            return await actor.generate.remote(reqs, call_id)
         except RayActorError as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        await self._ready(actor)  # the restarted engine has reported to the LoadLog by then
         await self._check_crash_budget()
-        if retry:
-            return await self._call(replica, reqs, retry=False)
-        if len(reqs) == 1:
-            log.warning("engine %s: a row crashed its engine twice; quarantined (%s)", self.name, reason)
-            return [_error_reply(f"engine crashed on this row (isolated after retries): {reason}")]
-        half = len(reqs) // 2
-        a, b = await asyncio.gather(self._call(replica, reqs[:half], retry=half == 1),
-                                    self._call(replica, reqs[half:], retry=len(reqs) - half == 1))
-        return a + b
+        log_actor = ray.get_actor(self.load_log)
+        if call_id is not None and await log_actor.is_culprit.remote(call_id):
+            if len(reqs) == 1:
+                log.warning("engine %s: a row crashed its engine while alone on it; quarantined", self.name)
+                return [_error_reply(f"engine crashed on this row (it ran alone on the engine): {reason}")]
+            half = len(reqs) // 2
+            a = await self._call(replica, reqs[:half], alone=True)
+            return a + await self._call(replica, reqs[half:], alone=True)
+        if tries >= 5:
+            raise EngineCrashLoop(f"engine pool {self.name!r}: a call failed {tries + 1} times without its engine "
+                                  f"dying during it ({reason})")
+        return await self._call(replica, reqs, alone=True, tries=tries + 1)
+
+    async def _ready(self, actor) -> None:
+        """Wait for a (re)starting replica: calls sent while it restarts fail at once instead of waiting."""
+        from ray.exceptions import RayActorError
+
+        deadline = time.time() + self.startup_timeout_s
+        while True:
+            try:
+                await actor.ready.remote()
+                return
+            except RayActorError:
+                if time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _check_crash_budget(self) -> None:
-        n = await self.load_log.count.remote(self.name)
+        n = await ray.get_actor(self.load_log).count.remote(self.name)
         if n > self.max_loads:
             raise EngineCrashLoop(
                 f"engine pool {self.name!r} was loaded {n} times (replicas + engines.{self.name}.max_restarts = "
@@ -231,10 +296,11 @@ class VLLMPool:
     name: str
     cfg: VLLMEngineConfig
     model_path: str
-    load_log: Any
+    load_log: str  # the LoadLog actor's name
     actors: list = field(default_factory=list)
     placement_groups: list = field(default_factory=list)
     started_at: float = 0.0
+    startup_timeout_s: float = 1800.0
 
     def start(self) -> None:
         """Create the replicas (non-blocking: wait with `wait_ready`, so several pools load at once)."""
@@ -273,6 +339,7 @@ class VLLMPool:
     def wait_ready(self, timeout_s: float) -> float:
         from ray.exceptions import GetTimeoutError
 
+        self.startup_timeout_s = timeout_s
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
         except GetTimeoutError:
@@ -282,7 +349,8 @@ class VLLMPool:
         return time.time() - self.started_at
 
     def client(self) -> PoolClient:
-        return PoolClient(self.name, list(self.actors), self.load_log, self.cfg.replicas + self.cfg.max_restarts)
+        return PoolClient(self.name, list(self.actors), self.load_log, self.cfg.replicas + self.cfg.max_restarts,
+                          self.startup_timeout_s)
 
     def stop(self) -> None:
         for a in self.actors:
