@@ -377,7 +377,7 @@ def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[s
     for i, s in used:
         first.setdefault(s.engine, i)
     last = {s.engine: i for i, s in used}
-    return [(f"stage {s.name} (refine.mode=staged)",
+    return [(f"the largest single stage ({s.name}, refine.mode=staged)",
              total({e for e in first if first[e] <= i <= last[e]}, [s.engine])) for i, s in used]
 
 
@@ -388,12 +388,15 @@ def check_resources(cfg: RunConfig, stages: list[StageSpec]) -> dict:
     have = ray.cluster_resources()
     points = _resident(cfg, stages)
     need = {k: max((r[k] for _, r in points), default=0.0) for k in ("CPU", "GPU")}
-    problems = [f"{k}: need {r[k]:g} for {what}, cluster has {have.get(k, 0):g}"
-                for what, r in points for k in ("CPU", "GPU") if r[k] > have.get(k, 0) + 1e-9]
+    problems = []
+    for k in ("CPU", "GPU"):
+        if need[k] > have.get(k, 0) + 1e-9:
+            what = next(w for w, r in points if r[k] == need[k])  # the first point where the most is held
+            problems.append(f"{k}: need {need[k]:g} for {what}, cluster has {have.get(k, 0):g}")
     if problems:
         hint = ("use refine.mode=staged, fewer replicas, or a bigger cluster" if cfg.refine.mode == "streaming"
                 else "use fewer replicas or tensor_parallel_size, or a bigger cluster")
-        raise RefineError("the engine pools do not fit the Ray cluster: " + "; ".join(dict.fromkeys(problems))
+        raise RefineError("the engine pools do not fit the Ray cluster: " + "; ".join(problems)
                           + f"; {hint}")
     return need
 
