@@ -38,7 +38,9 @@ def build_engine_transform(cfg: RunConfig, spec: "StageSpec", keep: list[str]) -
         return build_vllm_transform(engine, resolved_model_path(engine.model), spec.sampling, spec.structured, keep)
     if isinstance(engine, OpenAIEngineConfig):
         from crv_ray.engines.openai_engine import build_openai_transform
+        from crv_ray.redact import warn_plain_http_once
 
+        warn_plain_http_once(name, engine)
         return build_openai_transform(engine, spec.sampling, spec.structured, keep)
     if isinstance(engine, ScriptedEngineConfig):
         from crv_ray.engines.scripted import build_scripted_transform
