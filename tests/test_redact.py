@@ -69,7 +69,8 @@ def test_redact_config_rules():
 def test_secret_named_env_vars_are_redacted_anywhere(monkeypatch):
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567890")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "falsefalse")  # a name with TOKEN in it, no secret
-    assert redact({"msg": ["sent tok-1234567890 and falsefalse"]}) == {"msg": ["sent ${MY_SERVICE_TOKEN} and falsefalse"]}
+    assert redact({"msg": ["sent tok-1234567890 and falsefalse"]}) == {
+        "msg": ["sent ${MY_SERVICE_TOKEN} and falsefalse"]}
 
 
 def test_validate_prints_no_secret(tmp_path, secret_env, capsys):
