@@ -138,8 +138,8 @@ class OpenAIChatUDF:
         results: list[_Result] = asyncio.run(self._send_all(payloads)) if n else []
         failed = [r.error for r in results if r.error]
         if failed:
-            logger.warning("%d of %d requests to %s failed; first error: %s", len(failed), n, safe_url(self.cfg.base_url),
-                           failed[0])
+            logger.warning("%d of %d requests to %s failed; first error: %s", len(failed), n,
+                           safe_url(self.cfg.base_url), failed[0])
 
         for field, name in self.out_cols.items():
             values = [getattr(r, field) for r in results]
