@@ -133,12 +133,15 @@ def test_plain_http_warning_in_validate_and_once_per_engine(tmp_path, secret_env
 def test_scripted_refine_writes_no_secret(ray_local, tmp_path, secret_env):
     from crv_ray.refine.runner import run_refine
 
+    from crv_ray.report import write_report
+
     cfg = load_config_dict(raw_config(tmp_path))
     res = run_refine(cfg)
+    write_report(cfg.run_dir)  # the run report shows the manifest's config
     assert res.manifest["reconciliation"]["balanced"] and res.manifest["reconciliation"]["rows_in"] == 3
     run_dir = Path(cfg.run_dir)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert len(files) > 5
+    assert len(files) > 5 and run_dir / "report.html" in files
     leaking = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert leaking == []
     manifest = json.loads((run_dir / "refine" / "manifest.json").read_text())
