@@ -32,16 +32,16 @@ MASK = "***"
 # scheme://user:password@ - the password group is replaced unless it is already a ${VAR} reference.
 _URL_PASSWORD_RE = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(?!\$\{)([^@\s/]+)(@)")
 logger = logging.getLogger(__name__)
-LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0"})  # a key sent there stays on this machine
 
-Path_ = tuple  # a config location: keys and list indices from the top
+Location = tuple  # a place in the config: keys and list indices from the top
 
 
 @dataclass
 class EnvRefs:
     """What `${VAR}` expansion put into one loaded config."""
 
-    raw: dict[Path_, str] = field(default_factory=dict)  # field location -> its text as written, references in it
+    raw: dict[Location, str] = field(default_factory=dict)  # field location -> its text as written, references in it
     values: dict[str, str] = field(default_factory=dict)  # a substituted value -> "${VAR}"
 
 
@@ -55,7 +55,7 @@ def find_env_refs(raw: Any, environ: dict[str, str] | None = None) -> EnvRefs:
     environ = os.environ if environ is None else environ
     refs = EnvRefs()
 
-    def walk(obj: Any, path: Path_) -> None:
+    def walk(obj: Any, path: Location) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
                 walk(v, path + (k,))
@@ -84,22 +84,31 @@ def _secret_values(refs: EnvRefs | None) -> list[tuple[str, str]]:
     return sorted(found.items(), key=lambda kv: -len(kv[0]))  # longest first: a value inside another goes second
 
 
-def redact_text(text: str, refs: EnvRefs | None = None) -> str:
-    for value, ref in _secret_values(refs):
+def _replace(text: str, secrets: list[tuple[str, str]]) -> str:
+    for value, ref in secrets:
         if value in text:
             text = text.replace(value, ref)
     return _URL_PASSWORD_RE.sub(lambda m: m.group(1) + MASK + m.group(3), text)
 
 
+def redact_text(text: str, refs: EnvRefs | None = None) -> str:
+    return _replace(text, _secret_values(refs))
+
+
 def redact(obj: Any, refs: EnvRefs | None = None) -> Any:
     """`obj` (a string, or JSON-like data) with secrets replaced in every string, keys included."""
-    if isinstance(obj, (str, os.PathLike)):
-        return redact_text(str(obj), refs)
-    if isinstance(obj, dict):
-        return {redact(k, refs): redact(v, refs) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, refs) for v in obj]
-    return obj
+    secrets = _secret_values(refs)
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, (str, os.PathLike)):
+            return _replace(str(o), secrets)
+        if isinstance(o, dict):
+            return {walk(k): walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
 
 
 def redact_config(dumped: dict, refs: EnvRefs | None = None) -> dict:
@@ -107,7 +116,7 @@ def redact_config(dumped: dict, refs: EnvRefs | None = None) -> dict:
     strings under secret-looking names as `***`, then `redact` over all of it."""
     refs = refs or EnvRefs()
 
-    def walk(obj: Any, path: Path_) -> Any:
+    def walk(obj: Any, path: Location) -> Any:
         if path in refs.raw:
             return refs.raw[path]
         if isinstance(obj, dict):
@@ -120,11 +129,6 @@ def redact_config(dumped: dict, refs: EnvRefs | None = None) -> dict:
         return obj
 
     return redact(walk(dumped, ()), refs)
-
-
-def safe_url(url: str) -> str:
-    """`url` for a log line or error: its password, and any secret value in it, redacted."""
-    return redact_text(url)
 
 
 def plain_http_key_warning(name: str, base_url: str, api_key_env: str | None) -> str | None:
