@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from crv_ray.redact import ENV_REF_RE, EnvRefs, find_env_refs, redact_config, redact_text, remember
-
 from crv_ray.train.config import TrainConfig
 
 
@@ -437,8 +436,6 @@ _RUNTIME_VLLM_KWARGS = frozenset({
 
 
 # ---------------------------------------------------------------- loading
-
-
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
