@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crv_ray import console
 from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
+from crv_ray.redact import install_log_filter, plain_http_warnings, redact_text
 
 
 def default_config_path() -> Path:
@@ -38,6 +39,8 @@ def _print_outputs(title: str, paths: dict[str, Path | str]) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(json.dumps(redacted_dump(cfg), indent=2))
+    for warning in plain_http_warnings(cfg.engines):
+        print(f"# warning: {warning}", file=sys.stderr)
     print(f"# refine config hash: {cfg.refine_hash()}", file=sys.stderr)
     return 0
 
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # a secret from the config never reaches a log line
     console.enable(verbose=args.verbose)  # Ray's unactionable warnings are dropped unless -v
     try:
         return args.fn(args)
@@ -147,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crv-ray: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
-        print(f"crv-ray: error: {e}", file=sys.stderr)
+        print(f"crv-ray: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # RefineError, RefineStalled, training failures: a clean message, no traceback
         if args.verbose:
             raise
-        print(f"crv-ray: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"crv-ray: {type(e).__name__}: {redact_text(str(e))}", file=sys.stderr)
         return 1
     finally:
         console.disable()  # the descriptors are the process's own again (main() may be called in-process)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from crv_ray.redact import ENV_REF_RE, EnvRefs, find_env_refs, redact_config, redact_text, remember
 from crv_ray.train.config import TrainConfig
 
 
@@ -340,6 +341,7 @@ class RunConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks evaluated by `crv-ray eval` and at the end of `crv-ray run`.")
+    _env_refs: EnvRefs = PrivateAttr(default_factory=EnvRefs)  # set by load_config: what came from env variables
 
     @model_validator(mode="after")
     def _engines_exist(self) -> "RunConfig":
@@ -445,10 +447,6 @@ _RUNTIME_VLLM_KWARGS = frozenset({
 
 
 # ---------------------------------------------------------------- loading
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-SECRET_RE = re.compile(r"(key|token|secret|password)", re.IGNORECASE)
-
-
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -469,7 +467,7 @@ def expand_env(obj: Any, where: str = "") -> Any:
                 return default
             raise ValueError(f"{where}: environment variable {name} is not set")
 
-        return _ENV_RE.sub(sub, obj)
+        return ENV_REF_RE.sub(sub, obj)
     return obj
 
 
@@ -510,14 +508,18 @@ def load_config_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
     for o in overrides or []:
         apply_override(raw, o)
+    refs = find_env_refs(raw)
+    remember(refs)
     try:
         expanded = expand_env(raw)
     except ValueError as e:
         raise ConfigError(f"invalid config {source}: {e}") from None
     try:
-        return RunConfig.model_validate(expanded)
+        cfg = RunConfig.model_validate(expanded)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(redact_text(format_validation_error(e, source), refs)) from None
+    cfg._env_refs = refs
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -535,16 +537,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def redacted_dump(cfg: RunConfig) -> dict:
-    """The config as plain data with anything secret-looking replaced, for manifests and logs."""
-
-    def walk(obj: Any, key: str = "") -> Any:
-        if isinstance(obj, dict):
-            return {k: walk(v, k) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v, key) for v in obj]
-        # Names of env variables (api_key_env) are not secrets; their values never enter the config.
-        if isinstance(obj, str) and SECRET_RE.search(key) and not key.endswith("_env"):
-            return "***"
-        return obj
-
-    return walk(cfg.model_dump(mode="json"))
+    """The config as plain data for printing and writing, secrets redacted (the rule: crv_ray/redact.py)."""
+    return redact_config(cfg.model_dump(mode="json"), cfg._env_refs)

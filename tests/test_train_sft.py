@@ -70,7 +70,8 @@ def test_export_loads_and_equals_final_checkpoint(full_run, setup, tmp_path):
     assert (out / "generation_config.json").is_file()
     last = sorted((root / "full" / "checkpoints").glob("sft-*/checkpoint_step*"))[-1]
     dcp_to_torch_save(last, tmp_path / "full.pt")
-    trained = {k.removeprefix("lm."): v for k, v in torch.load(tmp_path / "full.pt")["model"].items()}
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    trained = {k.removeprefix("lm."): v for k, v in full["model"].items()}
     sd = exported.state_dict()
     assert set(trained) == set(sd)
     for name, value in trained.items():

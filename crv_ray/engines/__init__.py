@@ -113,7 +113,9 @@ def build_engine_transform(cfg: RunConfig, engine_name: str, sampling: Sampling 
         return build_vllm_transform(engine, pools.client(engine_name), sampling, structured, keep, key_column)
     if isinstance(engine, OpenAIEngineConfig):
         from crv_ray.engines.openai_engine import build_openai_transform
+        from crv_ray.redact import warn_plain_http_once
 
+        warn_plain_http_once(engine_name, engine)
         return build_openai_transform(engine, sampling, structured, keep)
     if isinstance(engine, ScriptedEngineConfig):
         from crv_ray.engines.scripted import build_scripted_transform

@@ -21,6 +21,8 @@ import pyarrow as pa
 import ray.data
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from crv_ray.redact import LOCAL_HOSTS, redact_text
+
 if TYPE_CHECKING:
     from crv_ray import config as run_config
 
@@ -28,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # 408/409/429 and 5xx are transient on OpenAI-style servers (rate limits, overload, restarts): retry them.
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 _MAX_ERROR_CHARS = 300
 
 
@@ -59,7 +60,7 @@ class OpenAIEngineConfig(BaseModel):
 
     @property
     def is_local(self) -> bool:
-        return urlparse(self.base_url).hostname in _LOCAL_HOSTS
+        return urlparse(self.base_url).hostname in LOCAL_HOSTS
 
     @property
     def chat_url(self) -> str:
@@ -73,7 +74,8 @@ def read_api_key(cfg: OpenAIEngineConfig) -> SecretStr | None:
         return SecretStr(key)
     if cfg.is_local or cfg.api_key_env is None:
         return None
-    raise ValueError(f"env var {cfg.api_key_env} (api_key_env) is not set; {cfg.base_url} needs an API key")
+    raise ValueError(f"env var {cfg.api_key_env} (api_key_env) is not set; {redact_text(cfg.base_url)} needs an "
+                     "API key")
 
 
 class _Result(NamedTuple):
@@ -136,7 +138,8 @@ class OpenAIChatUDF:
         results: list[_Result] = asyncio.run(self._send_all(payloads)) if n else []
         failed = [r.error for r in results if r.error]
         if failed:
-            logger.warning("%d of %d requests to %s failed; first error: %s", len(failed), n, self.cfg.base_url, failed[0])
+            logger.warning("%d of %d requests to %s failed; first error: %s", len(failed), n,
+                           redact_text(self.cfg.base_url), failed[0])
 
         for field, name in self.out_cols.items():
             values = [getattr(r, field) for r in results]
@@ -184,7 +187,7 @@ class OpenAIChatUDF:
                     body = await resp.json(content_type=None)
             except (asyncio.TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 # ValueError: a body that is not JSON; likely a proxy's error page, so worth another try.
-                last_error, retry_after = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS], 0.0
+                last_error, retry_after = redact_text(f"{type(exc).__name__}: {exc}")[:_MAX_ERROR_CHARS], 0.0
                 continue
             return _parse_completion(body)
         return _Result(error=f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last_error}")

@@ -32,6 +32,7 @@ from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_
 from crv_ray.eval.benchmarks import Benchmark, load_benchmark, select_benchmarks
 from crv_ray.eval.config import PROBLEM_PLACEHOLDER, EvalConfig
 from crv_ray.eval.scoring import GREEDY, SAMPLED, status_counts, summarize
+from crv_ray.redact import redact
 
 log = logging.getLogger("crv_ray.eval")
 
@@ -260,7 +261,7 @@ def _write_result(out_dir: Path, model: EvalModel, bench: Benchmark, rows: list[
     marker = {"config_hash": hash_, "result": result, "status_counts": status_counts(rows),
               "quarantined_rows": len(bench.quarantined), "generation_wall_s": round(wall_s, 3),
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_text_atomic(d / DONE, json.dumps(marker, indent=2))  # the marker last: a crash before it reruns
+    write_text_atomic(d / DONE, json.dumps(redact(marker), indent=2))  # the marker last: a crash before it reruns
     return marker
 
 
@@ -350,7 +351,7 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
                "results": [markers[(m.name, b.name)]["result"] for m in models for b in benches]}
     from crv_ray.refine.store import write_text_atomic
 
-    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "summary.json", json.dumps(redact(summary), indent=2))
     print("\n" + format_tables(summary), flush=True)
     print(f"[eval] summary: {out_dir / 'summary.json'}  [{time.time() - t_start:.0f}s]", flush=True)
     return summary

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crv_ray.config import RunConfig, redacted_dump
+from crv_ray.redact import redact
 from crv_ray.refine.state import ROLES_FOR_TOKENS
 from crv_ray.refine.store import DATASETS, RefineStore, shard_name, write_text_atomic
 
@@ -207,5 +208,6 @@ def write_manifest(cfg: RunConfig, store: RefineStore) -> dict:
         "datasets": {name: str(store.dataset_dir(name)) for name in DATASETS},
         **finish_summary(total, cfg.roles.verifier.max_rounds, cfg.input.on_no_answer),
     }
-    write_text_atomic(store.manifest_path, json.dumps(manifest, indent=2, default=str))
+    # redact: paths and names built from config values (run_dir: ${RUN_DIR}) are written as the config shows them
+    write_text_atomic(store.manifest_path, json.dumps(redact(manifest), indent=2, default=str))
     return manifest

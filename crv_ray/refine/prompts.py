@@ -4,6 +4,9 @@ Each template file (`prompts/<role>.j2`, or a user's override file) holds a syst
 separated by a line that is exactly `---USER---`. A file without the marker is a user part only. The two
 parts are compiled as separate templates, so a value that happens to contain the marker cannot split a
 message, and values are never re-templated: `{{`, `{%`, `$`, `\\` and braces in a CoT pass through verbatim.
+
+Templates render in Jinja's sandbox: a template file is user input (a config names it), so it may read the
+fields it is given but not reach Python internals (`''.__class__.__mro__`) or call unsafe methods.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 from pathlib import Path
 
 import jinja2
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 ROLES = ("critic", "rethink_easy", "rethink_hard", "rethink_repair", "verifier", "judge_original", "inject_error",
          "student")
@@ -23,7 +27,7 @@ _MARKER_LINE = re.compile(r"^---USER---[ \t\r]*$", re.MULTILINE)
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
 
 # trim_blocks/lstrip_blocks: `{% if %}` lines in the templates leave no stray blank lines.
-_ENV = jinja2.Environment(
+_ENV = SandboxedEnvironment(
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,
@@ -89,6 +93,9 @@ def _render(template: jinja2.Template, name: str, path: Path, fields: dict) -> s
         match = _UNDEFINED_NAME.search(str(err))
         variable = match.group(1) if match else str(err)
         raise ValueError(f"prompt template {name!r} ({path}) needs variable {variable!r}, which was not given") from err
+    except SecurityError as err:
+        raise ValueError(f"prompt template {name!r} ({path}) was stopped by Jinja's sandbox: {err} Templates may use "
+                         "the fields they are given, not Python internals") from err
 
 
 def render_messages(name: str, override: str | Path | None = None, **fields: object) -> list[dict]:

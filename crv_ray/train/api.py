@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from crv_ray.redact import redact
 from crv_ray.train.config import TrainConfig, stage_hash
 from crv_ray.train.batching import TokenizedRows, plan_padding_fraction, steps_per_epoch
 from crv_ray.train.data import TOKENIZED_FILE, DataReport
@@ -116,9 +117,9 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Pat
            "out_dir": str(out_dir), "config_hash": config_hash, "pad_id": pad_token_id(tokenizer)}
     _fit(train_fn, cfg, stage, run, out_dir, config_hash)
     if (export_dir / "config.json").is_file():
-        (export_dir / MARKER).write_text(json.dumps({"stage": stage, "config_hash": config_hash,
-                                                     "model_dir": str(model_dir), "data": str(data_path),
-                                                     "config": cfg.model_dump(mode="json")}, indent=2))
+        (export_dir / MARKER).write_text(json.dumps(redact({"stage": stage, "config_hash": config_hash,
+                                                            "model_dir": str(model_dir), "data": str(data_path),
+                                                            "config": cfg.model_dump(mode="json")}), indent=2))
     else:
         logger.info("%s stopped before the end (stop_after_steps); rerun to resume", stage)
     return export_dir

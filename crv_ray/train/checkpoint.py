@@ -2,16 +2,21 @@
 
 Layout of one checkpoint (Ray Train V2 merges the files every rank reports into one directory):
   .metadata, __<rank>_0.distcp   model + optimizer, sharded (DCP; rank 0 writes the metadata)
-  trainer_state.pt               scheduler, global step, epoch, config hash (rank 0)
-  rng_rank<r>.pt                 python / numpy / torch RNG of rank r
+  trainer_state.json             scheduler, global step, config hash (rank 0)
+  rng_rank<r>.pt                 python / numpy / torch RNG of rank r: tensors and plain lists only
 A rerun with the same run name and storage path gets the latest one from `ray.train.get_checkpoint()`.
+
+Nothing here is read with pickle: a checkpoint directory from elsewhere (a shared bucket) cannot run code when it
+is loaded. JSON for the state, `torch.load(weights_only=True)` for the RNG tensors, DCP for the weights.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -19,7 +24,63 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from crv_ray.train.distributed import rank_and_world, rng_state, set_rng_state
 
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+OLD_TRAINER_STATE = "trainer_state.pt"  # the earlier format, a pickle: recognised, never loaded
+
+
+class OldCheckpointError(RuntimeError):
+    pass
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def rng_to_tensors(state: dict) -> dict:
+    """`distributed.rng_state()` as data `torch.load(weights_only=True)` reads: numpy's key array as a list."""
+    version, internal, gauss = state["python"]
+    name, key, pos, has_gauss, cached = state["numpy"]
+    out = {"python": [version, list(internal), gauss], "numpy": [name, key.tolist(), pos, has_gauss, cached],
+           "torch": state["torch"]}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def rng_from_tensors(saved: dict) -> dict:
+    """The inverse of `rng_to_tensors`: what `distributed.set_rng_state` takes."""
+    version, internal, gauss = saved["python"]
+    name, key, pos, has_gauss, cached = saved["numpy"]
+    out = {"python": (version, tuple(internal), gauss),
+           "numpy": (name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached), "torch": saved["torch"]}
+    if "cuda" in saved:
+        out["cuda"] = saved["cuda"]
+    return out
+
+
+def write_state_files(ckpt_dir: Path, rank: int, scheduler_state: dict, train_state: dict, rng: dict) -> None:
+    """The non-weight files of one rank's checkpoint part (trainer state on rank 0 only)."""
+    torch.save(rng_to_tensors(rng), Path(ckpt_dir) / rng_file(rank))
+    if rank == 0:
+        (Path(ckpt_dir) / TRAINER_STATE).write_text(json.dumps({"scheduler": scheduler_state, **train_state},
+                                                               indent=2))
+
+
+def read_state_files(ckpt_dir: Path, rank: int) -> tuple[dict, dict | None]:
+    """(trainer state with its "scheduler" entry, this rank's RNG state or None when the checkpoint has none)."""
+    ckpt_dir = Path(ckpt_dir)
+    state_path = ckpt_dir / TRAINER_STATE
+    if not state_path.is_file():
+        if (ckpt_dir / OLD_TRAINER_STATE).is_file():
+            raise OldCheckpointError(
+                f"checkpoint {ckpt_dir} was written by an older crv-ray ({OLD_TRAINER_STATE}, a pickle, which is "
+                f"not loaded because loading it can run code). Delete {ckpt_dir.parent} to train this stage from "
+                "the start, or finish it with the crv-ray version that wrote it")
+        raise OldCheckpointError(f"checkpoint {ckpt_dir} has no {TRAINER_STATE}: not a crv-ray checkpoint")
+    train_state = json.loads(state_path.read_text())
+    path = ckpt_dir / rng_file(rank)
+    rng = rng_from_tensors(torch.load(path, weights_only=True)) if path.exists() else None
+    return train_state, rng
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_state: dict,
@@ -31,9 +92,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     with tempfile.TemporaryDirectory(prefix="crv-ckpt-") as tmp:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            torch.save({"scheduler": scheduler.state_dict(), **train_state}, Path(tmp) / TRAINER_STATE)
+        write_state_files(Path(tmp), rank, scheduler.state_dict(), train_state, rng_state())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step{train_state['global_step']:08d}")
 
@@ -50,14 +109,13 @@ def load_latest_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, s
         return None
     rank, _ = rank_and_world()
     with checkpoint.as_directory() as ckpt_dir:
+        train_state, rng = read_state_files(Path(ckpt_dir), rank)  # first: an old checkpoint fails before DCP works
         # get_state_dict initialises the optimizer state, so DCP has tensors to load into.
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=ckpt_dir)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        train_state = torch.load(Path(ckpt_dir) / TRAINER_STATE, weights_only=False)
-        rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
-        if rng_file.exists():  # absent when resuming with more ranks than saved
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:  # absent when resuming with more ranks than saved
+            set_rng_state(rng)
     scheduler.load_state_dict(train_state.pop("scheduler"))
     return train_state
