@@ -253,3 +253,20 @@ def test_standalone_raycluster_is_the_jobs_cluster():
     pvc = _one(k8s.render("raycluster"), "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
+
+
+def test_readme_kuberay_commands_name_what_the_manifests_define():
+    """The README's copyable KubeRay block: its paths exist and its Secret and RayJob names are the manifests'."""
+    readme = (k8s.ROOT / "README.md").read_text()
+    section = readme.split("\n## On a cluster\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[-1]
+    for path in re.findall(r"\b(cluster/[\w./-]+)", block):
+        assert (k8s.ROOT / path).exists(), path
+    job = _one(k8s.render("cpu-demo"), "RayJob")
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for _, _, c in _containers(job) for e in c["env"]}
+    (secret,) = refs
+    assert f"create secret generic {secret} " in block
+    name = job["metadata"]["name"]
+    assert f"get rayjob {name} " in block and f"logs -f job/{name} " in block and f"delete rayjob {name} " in block
+    assert "kubectl kustomize --load-restrictor LoadRestrictionsNone cluster/overlays/cpu-demo | kubectl apply -f -" \
+        in block
