@@ -37,13 +37,12 @@ RAY_KINDS = ("RayCluster", "RayJob")
 
 
 def crd_dir() -> Path | None:
-    """shared/kuberay-crds beside the clone (CI), or beside the folder of worktrees (a helper's worktree)."""
+    """KUBERAY_CRDS_DIR, else the copy kept beside these tests (KubeRay's CRDs, Apache-2.0; see its README),
+    so that a clone validates against the real schemas wherever it runs."""
     if os.environ.get("KUBERAY_CRDS_DIR"):
         return Path(os.environ["KUBERAY_CRDS_DIR"])
-    for base in (ROOT.parent, ROOT.parent.parent):
-        if (base / "shared" / "kuberay-crds" / "ray.io_rayjobs.yaml").is_file():
-            return base / "shared" / "kuberay-crds"
-    return None
+    here = Path(__file__).resolve().parent / "kuberay-crds"
+    return here if (here / "ray.io_rayjobs.yaml").is_file() else None
 
 
 def kubectl() -> str:
