@@ -28,8 +28,12 @@ COMPLETE_MARKER = "_crv_ray_complete.json"
 class RefLogpsPredictor:
     """Ray Data callable class: holds the reference model (CPU fp32, or GPU bf16) and its tokenizer."""
 
-    def __init__(self, model_dir: str, cogpo_cfg: dict, use_gpu: bool):
+    def __init__(self, model_dir: str, cogpo_cfg: dict, use_gpu: bool, cpu_threads: int = 1):
         import torch
+
+        if not use_gpu:
+            # Ray caps a 1-CPU actor at one thread; this pass runs alone, so it may use its share of the node.
+            torch.set_num_threads(max(1, cpu_threads))
 
         from crv_ray.train.distributed import TokenLogps, load_hf_model
 
@@ -105,7 +109,8 @@ def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: s
     ds = read_parquet_dataset(files).map_batches(
         RefLogpsPredictor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "cogpo_cfg": cfg.cogpo.model_dump(mode="json"),
-                               "use_gpu": use_gpu},
+                               "use_gpu": use_gpu,
+                               "cpu_threads": max(1, (os.cpu_count() or 1) // cfg.ref_num_actors)},
         batch_format="pyarrow", batch_size=cfg.ref_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
