@@ -133,6 +133,14 @@ def stop() -> None:
         _filters.pop().stop()
 
 
+def stderr_is_terminal() -> bool:
+    """Whether the user's stderr is a terminal (asked of the original descriptor once the filter holds fd 2)."""
+    for f in _filters:
+        if f.fd == 2:
+            return os.isatty(f._saved)
+    return os.isatty(2)
+
+
 def disable() -> None:
     """Stop filtering (restoring stdout and stderr) and filter no later Ray start."""
     global _enabled

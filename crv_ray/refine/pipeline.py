@@ -25,6 +25,7 @@ from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
 from crv_ray.engines import EnginePools, build_engine_transform, caller_resources, pool_resources
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
+from crv_ray.progress import Progress
 from crv_ray.refine.assemble import assemble_shard
 from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
@@ -270,10 +271,13 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
     batches = iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
                                     cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
+    bar = Progress(what, sum(collector.expected.values()), unit="problems")
     with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too
         for batch in batches:
             for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
                 collector.add(row)
+            bar.update(sum(collector.finished.values()))
+    bar.close()
     missing = collector.incomplete()
     if missing:
         raise RefineError(f"{what}: shards {missing[:10]} ended incomplete (rows were lost in the pipeline)")

@@ -92,7 +92,18 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_last_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=stage_cfg.max_failures)),
     )
-    return trainer.fit()
+    from crv_ray.progress import follow_metrics
+
+    # The workers' output does not reach the console: follow rank 0's metrics file instead.
+    with follow_metrics(out_dir / "metrics.jsonl", f"[{stage}] train", _total_steps(out_dir, stage_cfg.epochs)):
+        return trainer.fit()
+
+
+def _total_steps(out_dir: Path, epochs: int) -> int | None:
+    try:
+        return int(json.loads((out_dir / "data_report.json").read_text())["steps_per_epoch"]) * epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Path, data_path: Path,
