@@ -1,4 +1,4 @@
-"""Benchmark: the refine stage (Ray Data + ray.data.llm pools) against a plain sequential vllm.LLM script.
+"""Benchmark: the refine stage (Ray Data stages on shared vLLM engine pools) against a plain sequential vllm.LLM script.
 
 Both run the same stages with the same prompts, sampling and answer checks on N synthetic problems with the
 same model (builtin:tiny by default); the baseline is what a "pile of scripts" does: one in-process vllm.LLM,
@@ -146,6 +146,13 @@ def main() -> None:
         c, b = row["crv"], row["baseline"]
         rc, rb = c["rows"] / c["wall_s"], b["rows"] / b["wall_s"]
         print(f"{row['n']:>6} {rc:>11.2f} {rb:>14.2f} {rc / rb:>6.2f} {c['peak_rss_mb']:>18.0f} {b['peak_rss_mb']:>14.0f}")
+    if len(results) >= 2:
+        # The marginal rate leaves out what both pay once (start-up, model loads): rows/s between the two sizes.
+        lo, hi = results[0], results[-1]
+        dn = hi["n"] - lo["n"]
+        mc = dn / (hi["crv"]["wall_s"] - lo["crv"]["wall_s"])
+        mb = dn / (hi["baseline"]["wall_s"] - lo["baseline"]["wall_s"])
+        print(f"marginal N={lo['n']}->{hi['n']}: crv {mc:.2f} rows/s, script {mb:.2f} rows/s, ratio {mc / mb:.2f}")
 
 
 if __name__ == "__main__":
