@@ -90,6 +90,9 @@ def test_smollm2_real_text(ray_local, tmp_path):
             assert rd["reason"]  # a verdict reason or the rule check's
     sft = read(cfg.run_dir, "sft")
     assert all(s["response"] and s["prompt"].endswith("\\boxed{}.") for s in sft)
+    # Each pool loaded once for all its roles (no crash: loads == replicas).
+    pools = res.manifest["runs"][0]["engine_pools"]
+    assert pools and all(p["loads"] == p["replicas"] == 1 for p in pools.values()), pools
 
 
 def test_no_answer_original_goes_to_the_judge(ray_local, tmp_path):
