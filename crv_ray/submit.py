@@ -15,6 +15,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from crv_ray.config import _ENV_RE, RunConfig, load_config_dict
 # Not uploaded from a --working-dir: repository metadata and virtual environments are large and never needed.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
 _UNSET = "set-on-the-cluster"
+AGENT_WAIT_S = 180  # how long a just-started cluster may take to accept jobs
 
 
 def job_address(address: str | None) -> str:
@@ -148,6 +150,20 @@ def _job_id(config: Path) -> str:
     return f"crv-ray-{stem}-{uuid.uuid4().hex[:8]}"
 
 
+def _submit_when_ready(client, timeout_s: float = AGENT_WAIT_S, **job) -> str:
+    """A cluster that has just started answers "No available agent to submit job" until its head's agent is up
+    (Ray asks to try again later): retry that for a while, nothing else."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            print("[submit] the cluster's job agent is not up yet (the head is still starting); retrying", flush=True)
+            time.sleep(3)
+
+
 async def _stream_logs(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
@@ -156,8 +172,6 @@ async def _stream_logs(client, job_id: str) -> None:
 def wait_for_job(client, job_id: str, address: str) -> int:
     """Stream the job's logs until it ends; 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED (its message
     printed)."""
-    import time
-
     from ray.job_submission import JobStatus
 
     try:
@@ -194,8 +208,8 @@ def submit(config: str | Path, address: str | None = None, wait: bool = True, wo
             print(f"[submit] note: {note}", flush=True)
         client = JobSubmissionClient(address)
         # The working dir is packed and uploaded here, so the staging folder may go once this returns.
-        job_id = client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env,
-                                   submission_id=_job_id(config), metadata={"crv_ray_config": config.name})
+        job_id = _submit_when_ready(client, entrypoint=job.entrypoint, runtime_env=job.runtime_env,
+                                    submission_id=_job_id(config), metadata={"crv_ray_config": config.name})
     print(f"[submit] job {job_id} submitted to {address}: {job.entrypoint}", flush=True)
     if not wait:
         print(f"[submit] follow it with `ray job logs --follow {job_id} --address {address}`, check it with "

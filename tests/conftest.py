@@ -79,7 +79,8 @@ def ray_head():
     import urllib.error
     import urllib.request
 
-    gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    # Every fixed default port on free ones: other Ray clusters on the machine hold 10001 (client) and 52365 (agent).
+    gcs_port, dash_port, client_port, agent_port = _free_port(), _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="crvray-")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `crv-ray` for job entrypoints
@@ -89,7 +90,8 @@ def ray_head():
     # 6 logical CPUs on 2 cores, as in ray_local: the engine pools and 2 training workers fit.
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           f"--ray-client-server-port={client_port}", "--num-cpus=6", "--num-gpus=0", f"--temp-dir={temp_dir}",
+           f"--ray-client-server-port={client_port}",
+           f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=6", "--num-gpus=0", f"--temp-dir={temp_dir}",
            "--disable-usage-stats"]
     log_path = Path(temp_dir) / "ray_start.log"
     with open(log_path, "wb") as log:
