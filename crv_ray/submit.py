@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from crv_ray.config import _ENV_RE, RunConfig, load_config_dict
+from crv_ray.config import _ENV_RE, RunConfig, load_config_dict, read_config_file
 
 # Not uploaded from a --working-dir: repository metadata and virtual environments are large and never needed.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
@@ -93,14 +91,7 @@ def build_job(config: Path, overrides: list[str], working_dir: Path | None = Non
     """The entrypoint and runtime env of a `crv-ray run` job. Without `working_dir` the config alone is copied into
     `staging` (a fresh folder) and uploaded from there."""
     config = Path(config)
-    if not config.is_file():
-        raise FileNotFoundError(f"config file not found: {config}")
-    try:
-        raw = yaml.safe_load(config.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config {config} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {config} must be a mapping at the top level")
+    raw = read_config_file(config)
     cfg = validate_for_cluster(raw, str(config), overrides)
     if working_dir is not None:
         working_dir = Path(working_dir).resolve()
