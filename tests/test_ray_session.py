@@ -50,6 +50,7 @@ def _probe(env: dict) -> tuple[dict, str]:
     return json.loads(line.removeprefix("PROBE ")), out.stdout
 
 
+@pytest.mark.slow
 def test_joins_ray_address_else_starts_a_local_cluster(ray_head):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
     joined, stdout = _probe({**env, "RAY_ADDRESS": ray_head["gcs_address"]})
