@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crv_ray.config import _ENV_RE, RunConfig, load_config_dict, read_config_file
+from crv_ray.config import _ENV_RE, SECRET_RE, RunConfig, load_config_dict, read_config_file
 
 # Not uploaded from a --working-dir: repository metadata and virtual environments are large and never needed.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
@@ -91,6 +91,11 @@ def build_job(config: Path, overrides: list[str], working_dir: Path | None = Non
     """The entrypoint and runtime env of a `crv-ray run` job. Without `working_dir` the config alone is copied into
     `staging` (a fresh folder) and uploaded from there."""
     config = Path(config)
+    for o in overrides:  # the entrypoint, like the runtime env, is shown by `ray job list`
+        key = o.split("=", 1)[0].strip()
+        if SECRET_RE.search(key.rsplit(".", 1)[-1]) and not key.endswith("_env"):
+            raise ValueError(f"--set {key}=...: a secret would be visible in the job's entrypoint (`ray job list`); "
+                             "reference an environment variable set on the cluster instead (${VAR} in the config)")
     raw = read_config_file(config)
     cfg = validate_for_cluster(raw, str(config), overrides)
     if working_dir is not None:

@@ -48,6 +48,8 @@ def test_job_holds_the_config_and_no_secret(tmp_path, monkeypatch):
     assert "they are not sent with the job" in note
     assert all(name in note for name in ("MY_SECRET_URL", "UNSET_ON_THIS_MACHINE", "JUDGE_KEY"))
     assert "Secret" in note
+    with pytest.raises(ValueError, match=r"--set engines.judge.api_key=...: a secret would be visible"):
+        build_job(config, ["engines.judge.api_key=sk-123"], staging=staging)
 
 
 def test_working_dir_must_hold_the_config_and_relative_paths_are_named(tmp_path):
