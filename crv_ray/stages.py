@@ -7,29 +7,28 @@ import time
 from pathlib import Path
 
 from crv_ray.config import RunConfig
+from crv_ray.run_paths import RunPaths, stage_checkpoints, stage_metrics, stage_model
 
 
 def stage_paths(cfg: RunConfig | str | Path) -> dict[str, Path]:
-    """Where each stage writes, from a config or a run directory (`crv-ray report` has only the latter)."""
-    run = Path(cfg.run_dir if isinstance(cfg, RunConfig) else cfg)
+    """Where each stage writes, from a config or a run directory (`crv-ray report` has only the latter); the layout
+    itself is crv_ray.run_paths."""
+    run = RunPaths(cfg.run_dir if isinstance(cfg, RunConfig) else cfg)
     return {
-        "refine": run / "refine",
-        "sft_data": run / "refine" / "sft",
-        "pairs": run / "refine" / "pairs",
-        "sft": run / "sft",
-        "ref_pairs": run / "ref_logps" / "pairs.parquet",
-        "cogpo": run / "cogpo",
-        "variants": run / "variants",
-        "eval": run / "eval",
+        "refine": run.refine,
+        "sft_data": run.refine_dataset("sft"),
+        "pairs": run.refine_dataset("pairs"),
+        "sft": run.sft,
+        "ref_pairs": run.ref_logps,
+        "cogpo": run.cogpo,
+        "variants": run.variants,
+        "eval": run.eval,
     }
 
 
 def model_dir(cfg: RunConfig, name: str) -> Path:
     """Where a trained model of the run is exported: sft, cogpo or a cogpo variant's name."""
-    paths = stage_paths(cfg)
-    if name in ("sft", "cogpo"):
-        return paths[name] / "model"
-    return paths["variants"] / name / "model"
+    return RunPaths(cfg.run_dir).model(name)
 
 
 def _student_dir(cfg: RunConfig) -> Path:
@@ -61,7 +60,7 @@ def check_refine_complete(cfg: RunConfig, allow_partial: bool = False) -> None:
 def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> dict[str, Path]:
     """`crv-ray train sft|cogpo`: one training stage from the refine datasets in the run directory (committed
     shards only; an incomplete refine is refused unless `allow_partial`)."""
-    from crv_ray.refine.runner import init_ray
+    from crv_ray.ray_session import init_ray
     from crv_ray.train import api
 
     paths = stage_paths(cfg)
@@ -71,17 +70,18 @@ def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> 
         if not paths["sft_data"].exists():
             raise ValueError(f"no SFT data at {paths['sft_data']}: run `crv-ray refine` first")
         model = api.run_sft(cfg.train, _student_dir(cfg), paths["sft_data"], paths["sft"])
-        return {"sft model": model, "metrics": paths["sft"] / "metrics.jsonl", "checkpoints": paths["sft"] / "checkpoints"}
+        return {"sft model": model, "metrics": stage_metrics(paths["sft"]),
+                "checkpoints": stage_checkpoints(paths["sft"])}
     if stage == "cogpo":
-        sft_model = paths["sft"] / "model"
+        sft_model = stage_model(paths["sft"])
         if not sft_model.exists():
             raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
         if not paths["pairs"].exists():
             raise ValueError(f"no pairs at {paths['pairs']}: run `crv-ray refine` first")
         ref = api.run_ref_logps(cfg.train, sft_model, paths["pairs"], paths["ref_pairs"])
         model = api.run_cogpo(cfg.train, sft_model, ref, paths["cogpo"])
-        return {"ref log-probs": ref, "cogpo model": model, "metrics": paths["cogpo"] / "metrics.jsonl",
-                "checkpoints": paths["cogpo"] / "checkpoints"}
+        return {"ref log-probs": ref, "cogpo model": model, "metrics": stage_metrics(paths["cogpo"]),
+                "checkpoints": stage_checkpoints(paths["cogpo"])}
     if stage in cfg.train.cogpo_variants:
         return _run_variant(cfg, stage)
     raise ValueError(f"unknown training stage {stage!r} (sft, cogpo or a train.cogpo_variants name: "
@@ -94,18 +94,18 @@ def _run_variant(cfg: RunConfig, name: str) -> dict[str, Path]:
     from crv_ray.train import api
     from crv_ray.train.config import variant_config
 
-    paths = stage_paths(cfg)
+    paths = RunPaths(cfg.run_dir)
     train = variant_config(cfg.train, name)
-    out_dir = paths["variants"] / name
-    sft_model = paths["sft"] / "model"
+    out_dir = paths.stage_dir(name)
+    sft_model = paths.model("sft")
     if not sft_model.exists():
         raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
     length_keys = {"max_length", "max_prompt_length", "truncation"}
     same_lengths = all(getattr(train.cogpo, k) == getattr(cfg.train.cogpo, k) for k in length_keys)
-    ref = api.run_ref_logps(train, sft_model, paths["pairs"],
-                            paths["ref_pairs"] if same_lengths else out_dir / "ref_logps" / "pairs.parquet")
+    ref = api.run_ref_logps(train, sft_model, paths.refine_dataset("pairs"),
+                            paths.ref_logps if same_lengths else paths.variant_ref_logps(name))
     model = api.run_cogpo(train, sft_model, ref, out_dir)
-    return {f"{name} model": model, f"{name} metrics": out_dir / "metrics.jsonl"}
+    return {f"{name} model": model, f"{name} metrics": stage_metrics(out_dir)}
 
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
@@ -113,30 +113,31 @@ def run_all(cfg: RunConfig) -> dict[str, Path]:
     from crv_ray.refine.runner import run_refine
 
     t0 = time.time()
+    paths = RunPaths(cfg.run_dir)
     if cfg.eval.enabled:
         eval_engine(cfg)  # a bad eval.engine fails now, not after training
-    print(f"[run] 1/3 refine -> {stage_paths(cfg)['refine']}", flush=True)
+    print(f"[run] 1/3 refine -> {paths.refine}", flush=True)
     res = run_refine(cfg)
     rec = res.manifest["reconciliation"]
     if not rec["complete"]:
         raise RuntimeError(f"refine is incomplete ({res.manifest['shards']}); rerun to resume")
     if rec["sft_rows"] == 0:
         raise RuntimeError("refine produced no SFT rows: nothing to train on (see refine/manifest.json)")
-    print(f"[run] 2/3 sft ({rec['sft_rows']} rows) -> {stage_paths(cfg)['sft']}  [{time.time() - t0:.0f}s]", flush=True)
+    print(f"[run] 2/3 sft ({rec['sft_rows']} rows) -> {paths.sft}  [{time.time() - t0:.0f}s]", flush=True)
     out = {"refine trace": res.path("trace"), "sft data": res.path("sft"), "pairs": res.path("pairs"),
            "errors": res.path("errors"), "manifest": res.path("manifest.json")}
     out.update(run_train_stage(cfg, "sft"))
     if rec["pairs_rows"] == 0:
         print("[run] no preference pairs: CogPO skipped", flush=True)
     else:
-        print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {stage_paths(cfg)['cogpo']}  [{time.time() - t0:.0f}s]",
+        print(f"[run] 3/3 cogpo ({rec['pairs_rows']} pairs) -> {paths.cogpo}  [{time.time() - t0:.0f}s]",
               flush=True)
         out.update(run_train_stage(cfg, "cogpo"))
         for name in cfg.train.cogpo_variants:
-            print(f"[run] cogpo variant {name} -> {stage_paths(cfg)['variants'] / name}  [{time.time() - t0:.0f}s]",
+            print(f"[run] cogpo variant {name} -> {paths.stage_dir(name)}  [{time.time() - t0:.0f}s]",
                   flush=True)
             out.update(run_train_stage(cfg, name))
-    print(f"[run] eval -> {stage_paths(cfg)['eval']}  [{time.time() - t0:.0f}s]", flush=True)
+    print(f"[run] eval -> {paths.eval}  [{time.time() - t0:.0f}s]", flush=True)
     out.update(run_eval_stage(cfg))
     out.update(write_run_report(cfg))
     print(f"[run] done in {time.time() - t0:.0f}s", flush=True)

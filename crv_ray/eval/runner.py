@@ -33,6 +33,8 @@ from crv_ray.eval.benchmarks import Benchmark, load_benchmark, select_benchmarks
 from crv_ray.eval.config import PROBLEM_PLACEHOLDER, EvalConfig
 from crv_ray.eval.scoring import GREEDY, SAMPLED, status_counts, summarize
 from crv_ray.redact import redact
+from crv_ray.run_paths import EVAL_DONE as DONE
+from crv_ray.run_paths import EVAL_SUMMARY, RunPaths
 
 log = logging.getLogger("crv_ray.eval")
 
@@ -40,7 +42,6 @@ log = logging.getLogger("crv_ray.eval")
 _OUTPUT_ENGINE_KEYS = ("max_model_len", "dtype", "engine_kwargs", "trust_remote_code")
 _KEEP = ["benchmark", "problem_id", "mode", "sample_index", "gold"]
 GENERATIONS = "generations.parquet"
-DONE = "done.json"
 
 
 class EvalError(RuntimeError):
@@ -82,14 +83,13 @@ def parse_model(arg: str) -> EvalModel:
 def run_models(cfg: RunConfig) -> list[EvalModel]:
     """The models of a run's eval stage, in `eval.models` order: the student, then the trained ones that exist."""
     from crv_ray.engines import resolved_model_path
-    from crv_ray.stages import model_dir
-
+    paths = RunPaths(cfg.run_dir)
     out = []
     for which in cfg.eval.models:
         if which == "base":
             out.append(EvalModel("base", cfg.student.model, resolved_model_path(cfg.student.model)))
-        elif model_dir(cfg, which).exists():
-            out.append(EvalModel(which, str(model_dir(cfg, which)), str(model_dir(cfg, which))))
+        elif paths.model(which).exists():
+            out.append(EvalModel(which, str(paths.model(which)), str(paths.model(which))))
     return out
 
 
@@ -122,15 +122,15 @@ def _ensure_ray(cfg: RunConfig, engine_name: str) -> None:
     import ray
 
     from crv_ray.engines import caller_resources, pool_resources
-    from crv_ray.refine.runner import init_ray, quiet_ray_data
+    from crv_ray.ray_session import cluster_address, init_ray, quiet_ray_data
 
     def need() -> dict[str, float]:
         pool, caller = pool_resources(cfg, engine_name), caller_resources(cfg, engine_name)
         return {k: pool[k] + caller[k] for k in ("CPU", "GPU")}
 
     need_cpus = int(need()["CPU"] + 0.999) + 2  # + the scoring map tasks and the driver's reads
-    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < need_cpus and not cfg.ray.address \
-            and not cfg.ray.num_cpus:
+    local = cluster_address(cfg)[0] is None  # a joined cluster is not ours to restart
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < need_cpus and local and not cfg.ray.num_cpus:
         log.info("restarting the local Ray with %d logical CPUs for the eval engine", need_cpus)
         ray.shutdown()
     init_ray(cfg, need_cpus)
@@ -351,22 +351,20 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
                "results": [markers[(m.name, b.name)]["result"] for m in models for b in benches]}
     from crv_ray.refine.store import write_text_atomic
 
-    write_text_atomic(out_dir / "summary.json", json.dumps(redact(summary), indent=2))
+    write_text_atomic(out_dir / EVAL_SUMMARY, json.dumps(redact(summary), indent=2))
     print("\n" + format_tables(summary), flush=True)
-    print(f"[eval] summary: {out_dir / 'summary.json'}  [{time.time() - t_start:.0f}s]", flush=True)
+    print(f"[eval] summary: {out_dir / EVAL_SUMMARY}  [{time.time() - t_start:.0f}s]", flush=True)
     return summary
 
 
 def run_eval_stage(cfg: RunConfig) -> dict[str, Path]:
     """The eval stage of `crv-ray run`: the student, the SFT model and the CogPO model on eval.benchmarks."""
-    from crv_ray.stages import stage_paths
-
-    out_dir = stage_paths(cfg)["eval"]
+    out_dir = RunPaths(cfg.run_dir).eval
     if not cfg.eval.enabled:
         print("[run] eval disabled (eval.enabled=false)", flush=True)
         return {}
     run_eval(cfg, run_models(cfg), out_dir)
-    return {"eval summary": out_dir / "summary.json"}
+    return {"eval summary": out_dir / EVAL_SUMMARY}
 
 
 # ------------------------------------------------------------------ console
@@ -411,6 +409,6 @@ def run_eval_command(cfg: RunConfig, model_args: list[str], benchmarks: list[str
                      config_given: bool) -> int:
     """`crv-ray eval MODEL [MODEL ...]`."""
     models = [parse_model(a) for a in model_args]
-    out_dir = Path(out) if out else (Path(cfg.run_dir) / "eval" if config_given else Path("runs") / "eval")
+    out_dir = Path(out) if out else (RunPaths(cfg.run_dir).eval if config_given else Path("runs") / "eval")
     run_eval(cfg, models, out_dir, benchmarks)
     return 0

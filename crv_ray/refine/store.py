@@ -1,13 +1,9 @@
-"""On-disk layout of a refine run and atomic commits, so a killed run loses no finished shard and a rerun resumes.
+"""Atomic commits of the refine stage's shards, so a killed run loses no finished shard and a rerun resumes.
 
-    <run_dir>/refine/
-      trace/ sft/ pairs/ errors/    shard-NNNNN.parquet, one file per shard and dataset
-      manifest.json
-      _work/state.json              config hash, input fingerprint, shard list
-      _work/input/                  ingested shards (working rows)
-      _work/stages/<stage>/         per-stage outputs (staged mode)
-      _work/done/shard-NNNNN.json   commit marker: written last, after the four datasets; holds their row counts
-                                    and the shard's trace summary (what the manifest adds up)
+The folders and files are laid out by crv_ray.run_paths (`<run_dir>/refine/`: trace/ sft/ pairs/ errors/ with one
+shard-NNNNN.parquet per shard and dataset, manifest.json, and _work/ with state.json, the ingested input, staged-mode
+stage outputs and the commit markers _work/done/shard-NNNNN.json, each holding the shard's row counts and trace
+summary: what the manifest adds up).
 
 Every file is written to a temporary name, fsynced, renamed into place and its folder fsynced. A shard counts as
 committed once its marker exists: readers (training) take only committed shards' files (`committed_files`).
@@ -25,38 +21,36 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DATASETS = ("trace", "sft", "pairs", "errors")
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
+from crv_ray.run_paths import REFINE_DATASETS as DATASETS
+from crv_ray.run_paths import RunPaths
 
 
 class RefineStore:
     def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / "refine"
-        self.work = self.root / "_work"
+        self.paths = RunPaths(run_dir)
+        self.root = self.paths.refine
+        self.work = self.paths.refine_work
 
     # -- paths
     def dataset_dir(self, name: str) -> Path:
-        return self.root / name
+        return self.paths.refine_dataset(name)
 
     def input_file(self, shard: int) -> Path:
-        return self.work / "input" / f"{shard_name(shard)}.parquet"
+        return self.paths.refine_input_file(shard)
 
     def stage_file(self, stage: str, shard: int) -> Path:
-        return self.work / "stages" / stage / f"{shard_name(shard)}.parquet"
+        return self.paths.refine_stage_file(stage, shard)
 
     def done_marker(self, shard: int) -> Path:
-        return self.work / "done" / f"{shard_name(shard)}.json"
+        return self.paths.refine_done_marker(shard)
 
     @property
     def state_path(self) -> Path:
-        return self.work / "state.json"
+        return self.paths.refine_state
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+        return self.paths.refine_manifest
 
     # -- state
     def read_state(self) -> dict | None:
@@ -69,8 +63,8 @@ class RefineStore:
 
     def reset(self) -> None:
         """Remove every refine output (used when the config changed and the user asked to restart)."""
-        for name in (*DATASETS, "_work"):
-            shutil.rmtree(self.root / name, ignore_errors=True)
+        for folder in (*map(self.dataset_dir, DATASETS), self.work):
+            shutil.rmtree(folder, ignore_errors=True)
         self.manifest_path.unlink(missing_ok=True)
 
     def is_done(self, shard: int) -> bool:
@@ -86,7 +80,7 @@ class RefineStore:
         written: list[Path] = []
         try:
             for name in DATASETS:
-                path = self.dataset_dir(name) / f"{shard_name(shard)}.parquet"
+                path = self.paths.refine_shard_file(name, shard)
                 write_parquet_atomic(path, tables[name])
                 written.append(path)
             write_text_atomic(self.done_marker(shard), json.dumps(info, sort_keys=True))
@@ -109,7 +103,7 @@ class RefineStore:
         """The dataset's shard files whose commit marker exists; a file whose marker is missing may be half of an
         interrupted commit."""
         done, _ = self.committed_shards()
-        files = [self.dataset_dir(name) / f"{shard_name(s)}.parquet" for s in done]
+        files = [self.paths.refine_shard_file(name, s) for s in done]
         return [f for f in files if f.is_file()]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from crv_ray.report.collect import collect
 from crv_ray.report.figures import section_figures
 from crv_ray.report.html import render
+from crv_ray.run_paths import RunPaths
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -17,7 +18,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     packages = dict((data["header"] or {}).get("packages") or {})
     packages["matplotlib (report)"] = importlib.metadata.version("matplotlib")
     html = render(data, section_figures(data), packages)
-    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    path = Path(out) if out is not None else RunPaths(run_dir).report
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from crv_ray.refine.pairs import GAPS
 from crv_ray.refine.store import RefineStore
-from crv_ray.stages import stage_paths
+from crv_ray.run_paths import EVAL_SUMMARY, RunPaths, stage_metrics
 from crv_ray.train.api import read_metrics
 
 # Display order of the eval arms and critic labels; names not listed follow in the order they appear.
@@ -55,7 +55,7 @@ def read_json(path: Path, run_dir: Path) -> tuple[dict | None, str | None]:
 
 def read_metrics_file(stage_dir: Path, run_dir: Path) -> tuple[list[dict] | None, str | None]:
     """A training stage's metrics.jsonl entries by step, read by the training code's own reader."""
-    path = stage_dir / "metrics.jsonl"
+    path = stage_metrics(stage_dir)
     if not path.is_file():
         return None, f"no {_rel(path, run_dir)}"
     try:
@@ -249,7 +249,7 @@ def collect(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    paths = stage_paths(run_dir)
+    paths = RunPaths(run_dir)
     store = RefineStore(run_dir)
 
     def absent_means(why: str | None, path: Path, meaning: str) -> str | None:
@@ -258,12 +258,12 @@ def collect(run_dir: str | Path) -> dict:
 
     manifest, manifest_why = read_json(store.manifest_path, run_dir)
     manifest_why = absent_means(manifest_why, store.manifest_path, "refine has not finished")
-    sft_metrics, sft_why = read_metrics_file(paths["sft"], run_dir)
-    sft_why = absent_means(sft_why, paths["sft"] / "metrics.jsonl", "SFT has not run")
-    cogpo_metrics, cogpo_why = read_metrics_file(paths["cogpo"], run_dir)
-    cogpo_why = absent_means(cogpo_why, paths["cogpo"] / "metrics.jsonl", "CogPO has not run")
-    summary, eval_why = read_json(paths["eval"] / "summary.json", run_dir)
-    eval_why = absent_means(eval_why, paths["eval"] / "summary.json", "the eval stage has not run")
+    sft_metrics, sft_why = read_metrics_file(paths.sft, run_dir)
+    sft_why = absent_means(sft_why, stage_metrics(paths.sft), "SFT has not run")
+    cogpo_metrics, cogpo_why = read_metrics_file(paths.cogpo, run_dir)
+    cogpo_why = absent_means(cogpo_why, stage_metrics(paths.cogpo), "CogPO has not run")
+    summary, eval_why = read_json(paths.eval / EVAL_SUMMARY, run_dir)
+    eval_why = absent_means(eval_why, paths.eval / EVAL_SUMMARY, "the eval stage has not run")
     return {
         "run_dir": str(run_dir.resolve()),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

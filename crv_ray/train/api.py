@@ -1,6 +1,6 @@
 """Entry points of the training stages (what the CLI calls). Each reads datasets and writes a model directory.
 
-Stage directory layout (`out_dir`):
+Stage directory layout (`out_dir`; names in crv_ray.run_paths):
   data/<hash>/tokenized.arrow   tokenized rows after the length policy (reused by a rerun)
   data_report.json              rows in, dropped / truncated counts, padding fraction, steps per epoch
   checkpoints/<stage>-<hash>/   Ray Train run: sharded DCP checkpoints (latest K kept)
@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 from crv_ray.redact import redact
+from crv_ray.run_paths import TRAIN_MARKER, stage_checkpoints, stage_data_report, stage_metrics, stage_model
 from crv_ray.train.config import TrainConfig, stage_hash
 from crv_ray.train.batching import TokenizedRows, plan_padding_fraction, steps_per_epoch
 from crv_ray.train.data import TOKENIZED_FILE, DataReport
 
 logger = logging.getLogger(__name__)
 
-MARKER = "crv_ray_train.json"
+MARKER = TRAIN_MARKER
 
 
 def _fingerprint(*paths: Path) -> str:
@@ -52,9 +53,9 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     stage_cfg = getattr(cfg, stage)
     data_dir = out_dir / "data" / config_hash
     tokenized = data_dir / TOKENIZED_FILE
-    report_path = data_dir / "data_report.json"
+    report_path = stage_data_report(data_dir)
     if tokenized.is_file() and report_path.is_file():
-        shutil.copyfile(report_path, out_dir / "data_report.json")
+        shutil.copyfile(report_path, stage_data_report(out_dir))
         return tokenized
     report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, data_dir, num_actors=cfg.tokenize_num_actors)
     rows = TokenizedRows(tokenized)
@@ -63,7 +64,7 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     report.steps_per_epoch = steps_per_epoch(len(rows), world, stage_cfg.per_device_batch_size,
                                              stage_cfg.grad_accum_steps)
     report.write(report_path)
-    shutil.copyfile(report_path, out_dir / "data_report.json")
+    shutil.copyfile(report_path, stage_data_report(out_dir))
     logger.info("%s data: %d rows in, %d kept, %d dropped (prompt), %d dropped (length), %d truncated, "
                 "padding %.1f%%", stage, report.rows_in, report.rows_kept, report.dropped_prompt_too_long,
                 report.dropped_too_long, report.truncated, 100 * report.padding_fraction)
@@ -88,20 +89,20 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
                                                resources_per_worker=resources),
         # Same name + storage path on a rerun: Ray Train restores the run and hands out its latest checkpoint.
         run_config=ray.train.RunConfig(
-            name=f"{stage}-{config_hash}", storage_path=str(out_dir / "checkpoints"),
+            name=f"{stage}-{config_hash}", storage_path=str(stage_checkpoints(out_dir)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_last_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=stage_cfg.max_failures)),
     )
     from crv_ray.progress import follow_metrics
 
     # The workers' output does not reach the console: follow rank 0's metrics file instead.
-    with follow_metrics(out_dir / "metrics.jsonl", f"[{stage}] train", _total_steps(out_dir, stage_cfg.epochs)):
+    with follow_metrics(stage_metrics(out_dir), f"[{stage}] train", _total_steps(out_dir, stage_cfg.epochs)):
         return trainer.fit()
 
 
 def _total_steps(out_dir: Path, epochs: int) -> int | None:
     try:
-        return int(json.loads((out_dir / "data_report.json").read_text())["steps_per_epoch"]) * epochs
+        return int(json.loads(stage_data_report(out_dir).read_text())["steps_per_epoch"]) * epochs
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -116,7 +117,7 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Pat
     # Paths plus file sizes/mtimes: data rewritten in place must not reuse a stale tokenization or export.
     config_hash = stage_hash(cfg, stage, model_dir=str(model_dir), data=str(data_path),
                              files=_fingerprint(model_dir, data_path))
-    export_dir = out_dir / "model"
+    export_dir = stage_model(out_dir)
     if _is_done(export_dir, config_hash):
         logger.info("%s: %s is complete for config %s, skipping", stage, export_dir, config_hash)
         return export_dir
@@ -164,7 +165,7 @@ def run_cogpo(cfg: TrainConfig, sft_model_dir: Path, pairs_with_ref_path: Path, 
 def read_metrics(out_dir: Path) -> list[dict]:
     """metrics.jsonl of a stage, one entry per step (the last one written wins after a resume)."""
     by_step: dict[int, dict] = {}
-    path = Path(out_dir) / "metrics.jsonl"
+    path = stage_metrics(out_dir)
     if path.is_file():
         for line in path.read_text().splitlines():
             entry = json.loads(line)
@@ -173,4 +174,4 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 def load_report(out_dir: Path) -> DataReport:
-    return DataReport(**json.loads((Path(out_dir) / "data_report.json").read_text()))
+    return DataReport(**json.loads(stage_data_report(out_dir).read_text()))

@@ -13,6 +13,7 @@ import numpy as np
 import ray.train
 import torch
 
+from crv_ray.run_paths import stage_model
 from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
@@ -154,7 +155,7 @@ class CogPORecipe:
                         {"step": self.global_step, **metrics})
 
     def export(self) -> None:
-        export_model(self.model, self.run["model_dir"], self.out_dir / "model", self.cfg.lora)
+        export_model(self.model, self.run["model_dir"], stage_model(self.out_dir), self.cfg.lora)
 
     def cleanup(self) -> None:
         self.logger.close()

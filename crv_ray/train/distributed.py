@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from crv_ray.run_paths import stage_metrics
 from crv_ray.train.config import FSDPConfig, LoRAConfig, _StageConfig
 from crv_ray.train.logprobs import _logit_transform, chunked_token_logps
 
@@ -196,7 +197,7 @@ class MetricsLogger:
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out_dir / "metrics.jsonl").open("a" if resumed else "w")
+        self.jsonl = stage_metrics(out_dir).open("a" if resumed else "w")
         self.tb = SummaryWriter(str(out_dir / "tb"))
 
     def log(self, step: int, metrics: dict) -> None:

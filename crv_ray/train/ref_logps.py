@@ -17,12 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crv_ray.run_paths import REF_LOGPS_MARKER
 from crv_ray.train.config import CogPOConfig, TrainConfig
 from crv_ray.train.batching import TokenizedRows
 from crv_ray.train.data import (REF_COLUMNS, list_parquet_files, load_tokenizer, read_parquet_dataset,
                                 tokenize_pairs_batch, validate_files)
 
-COMPLETE_MARKER = "_crv_ray_complete.json"
+COMPLETE_MARKER = REF_LOGPS_MARKER
 
 
 class RefLogpsPredictor:

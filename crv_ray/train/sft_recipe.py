@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import ray.train
 
+from crv_ray.run_paths import stage_model
 from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
@@ -117,7 +118,7 @@ class SFTRecipe:
                         {"step": self.global_step, **metrics})
 
     def export(self) -> None:
-        export_model(self.model, self.run["model_dir"], self.out_dir / "model", self.cfg.lora)
+        export_model(self.model, self.run["model_dir"], stage_model(self.out_dir), self.cfg.lora)
 
     def cleanup(self) -> None:
         self.logger.close()

@@ -1,0 +1,139 @@
+"""The run directory's layout, in one place: every stage, `crv-ray report` and `crv-ray status` take their paths
+from here.
+
+    <run_dir>/
+      refine/                       crv_ray.refine.store (atomic shard commits)
+        trace/ sft/ pairs/ errors/  shard-NNNNN.parquet, one file per shard and dataset
+        manifest.json
+        _work/state.json            config hash, input fingerprint, shard list
+        _work/input/                ingested shards (working rows)
+        _work/stages/<stage>/       per-stage outputs (staged mode)
+        _work/done/shard-NNNNN.json commit marker, written last
+      sft/ cogpo/ variants/<name>/  training stages (crv_ray.train.api), each:
+        model/                      exported Hugging Face model (+ crv_ray_train.json, the completion marker)
+        checkpoints/ metrics.jsonl tb/ data_report.json data/<hash>/
+      ref_logps/pairs.parquet       pairs + reference log-probs of the SFT model (variants/<name>/ref_logps/... when a
+                                    variant cuts pairs to other lengths)
+      eval/                         <model>/<benchmark>/done.json, summary.json
+      report.html
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REFINE_DATASETS = ("trace", "sft", "pairs", "errors")
+TRAIN_STAGES = ("sft", "cogpo")  # the training stages with their own folder; variants live under variants/
+
+# Inside a training stage's folder.
+MODEL = "model"
+TRAIN_MARKER = "crv_ray_train.json"  # in model/: written last, after the export
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+DATA_REPORT = "data_report.json"
+REF_LOGPS_MARKER = "_crv_ray_complete.json"  # in the reference log-probs folder, written before it is renamed in
+# Inside an eval output folder (<run_dir>/eval or `crv-ray eval --out`).
+EVAL_SUMMARY = "summary.json"
+EVAL_DONE = "done.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Paths of one run directory; nothing is created or read here."""
+
+    root: Path
+
+    def __init__(self, run_dir: str | Path):
+        object.__setattr__(self, "root", Path(run_dir))
+
+    # -- refine
+    @property
+    def refine(self) -> Path:
+        return self.root / "refine"
+
+    def refine_dataset(self, name: str) -> Path:
+        return self.refine / name
+
+    def refine_shard_file(self, name: str, shard: int) -> Path:
+        return self.refine_dataset(name) / f"{shard_name(shard)}.parquet"
+
+    @property
+    def refine_manifest(self) -> Path:
+        return self.refine / "manifest.json"
+
+    @property
+    def refine_work(self) -> Path:
+        return self.refine / "_work"
+
+    @property
+    def refine_state(self) -> Path:
+        return self.refine_work / "state.json"
+
+    def refine_input_file(self, shard: int) -> Path:
+        return self.refine_work / "input" / f"{shard_name(shard)}.parquet"
+
+    def refine_stage_file(self, stage: str, shard: int) -> Path:
+        return self.refine_work / "stages" / stage / f"{shard_name(shard)}.parquet"
+
+    def refine_done_marker(self, shard: int) -> Path:
+        return self.refine_work / "done" / f"{shard_name(shard)}.json"
+
+    # -- training
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def cogpo(self) -> Path:
+        return self.root / "cogpo"
+
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants"
+
+    @property
+    def ref_logps(self) -> Path:
+        """Pairs with the SFT model's reference log-probs, shared by cogpo and the variants of the same lengths."""
+        return self.root / "ref_logps" / "pairs.parquet"
+
+    def stage_dir(self, name: str) -> Path:
+        """sft, cogpo or a cogpo variant's name."""
+        return self.root / name if name in TRAIN_STAGES else self.variants / name
+
+    def variant_ref_logps(self, name: str) -> Path:
+        return self.stage_dir(name) / "ref_logps" / "pairs.parquet"
+
+    def model(self, name: str) -> Path:
+        """Where a trained model of the run is exported: sft, cogpo or a cogpo variant's name."""
+        return stage_model(self.stage_dir(name))
+
+    # -- eval and report
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+# A training stage's folder (`out_dir` of crv_ray.train.api): also used for folders outside a run directory.
+def stage_model(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / MODEL
+
+
+def stage_metrics(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / METRICS
+
+
+def stage_checkpoints(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / CHECKPOINTS
+
+
+def stage_data_report(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / DATA_REPORT
