@@ -83,8 +83,13 @@ def decide(need: dict[str, float], have: dict[str, float], growth: Growth,
     if not growth.can_grow:
         return Decision("fail", short, f"{numbers} (no autoscaler: the cluster cannot grow)")
     if growth.infeasible:
-        shapes = ", ".join(json.dumps(b, sort_keys=True) for b in growth.infeasible)
-        return Decision("fail", short, f"{numbers} (the autoscaler has no node type for {shapes})")
+        counts: dict[str, int] = {}
+        for b in growth.infeasible:
+            key = json.dumps(b, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+        shapes = ", ".join(f"{n} x {k}" for k, n in counts.items())
+        return Decision("fail", short, f"{numbers} (the autoscaler reports that {shapes} cannot fit even with every "
+                                       "node type at its max_workers)")
     if growth.max_resources is not None:
         over = {k: growth.max_resources.get(k, 0.0) for k in short if need[k] > growth.max_resources.get(k, 0.0) + EPS}
         if over:

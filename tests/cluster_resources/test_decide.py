@@ -35,7 +35,8 @@ def test_short_with_autoscaler_waits():
 def test_autoscaler_that_has_no_node_type_for_the_shape_fails():
     d = decide(NEED, {"CPU": 8}, Growth("v2", infeasible=[{"GPU": 1.0}]), WHAT)
     assert d.action == "fail"
-    assert 'no node type for {"GPU": 1.0}' in d.message and "need 4" in d.message
+    assert 'reports that 1 x {"GPU": 1.0} cannot fit even with every node type at its max_workers' in d.message
+    assert "GPU: need 4" in d.message
 
 
 def test_published_node_types_that_cannot_reach_the_need_fail():
@@ -115,8 +116,8 @@ def test_ensure_fails_at_once_when_the_cluster_cannot_grow(fake):
 
 def test_ensure_stops_waiting_when_the_autoscaler_says_no_node_type_fits(fake):
     f = fake([{"CPU": 2}], Growth("v2", infeasible=[{"GPU": 1.0}, {"TPU": 1.0}]))
-    with pytest.raises(ClusterTooSmall, match=r'cannot grow enough: GPU: need 1, cluster has 0 \(the autoscaler has '
-                       r'no node type for \{"GPU": 1.0\}\)'):  # only this request's shapes are named
+    with pytest.raises(ClusterTooSmall, match=r'cannot grow enough: GPU: need 1, cluster has 0 \(the autoscaler '
+                       r'reports that 1 x \{"GPU": 1.0\} cannot fit'):  # only this request's shapes are named
         ensure({"CPU": 1, "GPU": 1}, subject="the engine pools", timeout_s=60, read_have=f.have,
                read_growth=f.growth, poll_s=0.01)
     assert f.requests == [[{"GPU": 1.0}, {"CPU": 1.0}], []]
