@@ -2,10 +2,11 @@
 starts), without its side effects on this machine.
 
 AutoscalingCluster itself cannot be used as is: its `start()` and `shutdown()` run `ray stop --force`, which ends
-every Ray cluster of the user on the machine (other jobs' too), its base config file (fake_multi_node/example.yaml)
-is not in the Ray wheel (nor the provider defaults that autoscaler v2 reads from it), and the fake provider joins worker nodes to port 6379 unless the provider config names the
-GCS address. So the same config is built here, the head gets a free port and a private temp dir, and the cluster is
-ended by killing its own process group (the head's processes, and the worker nodes the monitor starts)."""
+every Ray cluster of the user on the machine (other jobs' too); its base config (fake_multi_node/example.yaml) is
+not in the Ray wheel, nor the provider defaults autoscaler v2 reads from it; and the fake provider joins worker
+nodes to port 6379 unless the provider config names the GCS address. So the same config is built here (with the
+provider as an "external" one), the head gets a free port and a private temp dir, and the cluster is ended by
+killing its own process group (the head's processes and the worker nodes its monitor starts)."""
 
 from __future__ import annotations
 
