@@ -224,7 +224,8 @@ def ensure(need: dict[str, float], *, subject: str, what: dict[str, str] | None 
     Short of it: fail at once when the cluster cannot grow, else ask the autoscaler for room for all of `need` (a
     request is about the cluster's size, not its free part) and wait up to `timeout_s`, printing a progress line
     every `progress_every_s`. The request is withdrawn when this returns or fails: the nodes are up by then, and the
-    run's actors reach them well inside any idle timeout (later stages that need other nodes get them as pending-actor demand, which the autoscaler serves too)."""
+    run's actors reach them well inside any idle timeout (later stages that need other nodes get them as
+    pending-actor demand, which the autoscaler serves too)."""
     have = read_have()
     # Infeasible shapes reported before this request are someone else's.
     g = replace(read_growth(), infeasible=[]) if shortfall(need, have) else Growth()
