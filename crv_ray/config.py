@@ -54,7 +54,8 @@ class VLLMEngineConfig(_Strict):
     dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16, float32).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower run).")
     gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take.")
-    use_gpu: bool | None = Field(None, description="Run on GPUs. None: yes when the Ray cluster has GPUs.")
+    use_gpu: bool | None = Field(None, description="Run on GPUs. None: yes when the Ray cluster has GPUs or an "
+                                 "autoscaler that can add GPU nodes (or does not say which node types it has).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type to pin replicas to (e.g. H100).")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
     kv_cache_space_gb: int | None = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB).")
@@ -325,6 +326,10 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0)
     include_dashboard: bool = False
     dashboard_host: str = Field("127.0.0.1", description="Bind address of a local dashboard (localhost by default).")
+    autoscale_timeout_s: float = Field(
+        900.0, gt=0, description="On a cluster with an autoscaler, how long a stage waits for the nodes it asked for "
+        "(engine pools, eval engine, training workers) before failing with the numbers. A cluster without an "
+        "autoscaler fails at once when it is too small.")
 
 
 class RunConfig(_Strict):

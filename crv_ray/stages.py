@@ -66,6 +66,7 @@ def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> 
     paths = stage_paths(cfg)
     check_refine_complete(cfg, allow_partial)
     init_ray(cfg)
+    _check_train_resources(cfg)
     if stage == "sft":
         if not paths["sft_data"].exists():
             raise ValueError(f"no SFT data at {paths['sft_data']}: run `crv-ray refine` first")
@@ -86,6 +87,19 @@ def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> 
         return _run_variant(cfg, stage)
     raise ValueError(f"unknown training stage {stage!r} (sft, cogpo or a train.cogpo_variants name: "
                      f"{sorted(cfg.train.cogpo_variants)})")
+
+
+def _check_train_resources(cfg: RunConfig) -> None:
+    """Ray Train waits for its workers' placement group without end on a cluster that cannot hold them; fail with
+    the numbers instead, or let an autoscaler add the nodes first."""
+    from crv_ray.cluster_resources import ensure
+    from crv_ray.train.api import worker_resources
+
+    n = cfg.train.scaling.num_workers
+    need = {k: v * n for k, v in worker_resources(cfg.train).items()}
+    ensure(need, subject="the training workers", what={k: f"{n} worker(s) (train.scaling)" for k in need},
+           timeout_s=cfg.ray.autoscale_timeout_s,
+           hint="lower train.scaling.num_workers or cpus_per_worker, or use a bigger cluster")
 
 
 def _run_variant(cfg: RunConfig, name: str) -> dict[str, Path]:

@@ -45,7 +45,15 @@ class EngineCrashLoop(RuntimeError):
 
 
 def cluster_has_gpus() -> bool:
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    """GPUs now, or GPU nodes an autoscaler can add: a cluster whose GPU group is at zero still gets GPU engines
+    (asking for CPUs there would run the model on CPUs and never make the autoscaler add a GPU node)."""
+    if not ray.is_initialized():
+        return False
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    from crv_ray.cluster_resources import can_add_gpus
+
+    return can_add_gpus()
 
 
 def uses_gpu(cfg: VLLMEngineConfig) -> bool:

@@ -121,6 +121,7 @@ def _ensure_ray(cfg: RunConfig, engine_name: str) -> None:
     needed less) is restarted, since the pool would wait forever for CPUs it cannot get."""
     import ray
 
+    from crv_ray.cluster_resources import ensure
     from crv_ray.engines import caller_resources, pool_resources
     from crv_ray.ray_session import cluster_address, init_ray, quiet_ray_data
 
@@ -135,12 +136,9 @@ def _ensure_ray(cfg: RunConfig, engine_name: str) -> None:
         ray.shutdown()
     init_ray(cfg, need_cpus)
     quiet_ray_data()
-    needed = need()  # again, now that the cluster can say whether it has GPUs
-    have = ray.cluster_resources()
-    for res in ("CPU", "GPU"):
-        if needed[res] > have.get(res, 0) + 1e-9:
-            raise EvalError(f"the eval engine needs {needed[res]:g} {res} (engine {engine_name!r}), the Ray cluster "
-                            f"has {have.get(res, 0):g}" + (" (raise ray.num_cpus)" if res == "CPU" else ""))
+    needed = need()  # again, now that the cluster can say whether it has (or can add) GPUs
+    ensure(needed, subject="the eval engine's replicas", what={k: f"engine {engine_name!r}" for k in needed},
+           timeout_s=cfg.ray.autoscale_timeout_s, hint="raise ray.num_cpus, or use a bigger cluster", error=EvalError)
 
 
 # ------------------------------------------------------------------ work items

@@ -386,22 +386,17 @@ def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[s
 
 
 def check_resources(cfg: RunConfig, stages: list[StageSpec]) -> dict:
-    """Fail before starting when the pools cannot fit (they would otherwise wait for resources forever)."""
-    import ray
+    """Fail before starting when the pools cannot fit (they would otherwise wait for resources forever); on a
+    cluster with an autoscaler, ask it for the largest point of the run and wait (`crv_ray.cluster_resources`)."""
+    from crv_ray.cluster_resources import ensure
 
-    have = ray.cluster_resources()
     points = _resident(cfg, stages)
     need = {k: max((r[k] for _, r in points), default=0.0) for k in ("CPU", "GPU")}
-    problems = []
-    for k in ("CPU", "GPU"):
-        if need[k] > have.get(k, 0) + 1e-9:
-            what = next(w for w, r in points if r[k] == need[k])  # the first point where the most is held
-            problems.append(f"{k}: need {need[k]:g} for {what}, cluster has {have.get(k, 0):g}")
-    if problems:
-        hint = ("use refine.mode=staged, fewer replicas, or a bigger cluster" if cfg.refine.mode == "streaming"
-                else "use fewer replicas or tensor_parallel_size, or a bigger cluster")
-        raise RefineError("the engine pools do not fit the Ray cluster: " + "; ".join(problems)
-                          + f"; {hint}")
+    # The first point where the most is held names what needs it.
+    what = {k: next(w for w, r in points if r[k] == need[k]) for k in need if need[k] > 0}
+    hint = ("use refine.mode=staged, fewer replicas, or a bigger cluster" if cfg.refine.mode == "streaming"
+            else "use fewer replicas or tensor_parallel_size, or a bigger cluster")
+    ensure(need, subject="the engine pools", what=what, timeout_s=cfg.ray.autoscale_timeout_s, hint=hint, error=RefineError)
     return need
 
 

@@ -73,6 +73,12 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     return tokenized
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """Logical resources one Ray Train worker holds."""
+    sc = cfg.scaling
+    return {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+
+
 def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: dict, out_dir: Path,
          config_hash: str):
     import ray.train
@@ -80,7 +86,7 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
 
     stage_cfg = getattr(cfg, stage)
     sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=run,
