@@ -145,6 +145,16 @@ def _v1_report() -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def _readonly(autoscaler_report: dict) -> bool:
+    """A cluster without an autoscaling config (`ray.init()`, `ray start` without one) still runs the v1 monitor with
+    Ray's read-only provider, which reports once anything asked for resources (Ray Data does) but cannot add a
+    node. Its node types are the nodes themselves (`format_readonly_node_type`)."""
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    mapping = autoscaler_report.get("node_type_mapping") or {}
+    return bool(mapping) and all(t == format_readonly_node_type(n) for n, t in mapping.items())
+
+
 def _v2_state():
     """The v2 autoscaler's last reported state, or None when v2 is off or has not reported."""
     import ray
@@ -191,7 +201,7 @@ def growth() -> Growth:
                       for r in c.resource_requests]
         return Growth("v2", max_resources, gpu_types, launching, infeasible)
     report = _v1_report()
-    if report is not None and "autoscaler_report" in report:
+    if report is not None and "autoscaler_report" in report and not _readonly(report["autoscaler_report"]):
         ar = report["autoscaler_report"]
         launching = dict(ar.get("pending_launches") or {})
         for _ip, node_type, _status in ar.get("pending_nodes") or []:

@@ -139,3 +139,14 @@ def test_gpu_pool_resolution(monkeypatch):
         assert vllm_pool.pool_resources(engine)["GPU"] == (1 if expected else 0)
         for explicit in (True, False):  # an explicit setting is never second-guessed
             assert vllm_pool.uses_gpu(engine.model_copy(update={"use_gpu": explicit})) is explicit
+
+
+def test_a_local_clusters_readonly_monitor_is_not_an_autoscaler():
+    """Seen on a `ray.init()` cluster after Ray Data asked for resources: the v1 monitor reports with the read-only
+    provider, whose node types are the nodes themselves. Taken for an autoscaler, a pool that cannot fit would wait
+    for a node that never comes."""
+    from crv_ray.cluster_resources import _readonly
+
+    nid = "400ad45786c23e6fa8523fa15f6e510389cf91732619296868cb9757"
+    assert _readonly({"active_nodes": {f"node_{nid}": 1}, "node_type_mapping": {nid: f"node_{nid}"}, "legacy": True})
+    assert not _readonly({"active_nodes": {"cpu_node": 1}, "node_type_mapping": {nid: "cpu_node"}, "legacy": True})
