@@ -17,7 +17,8 @@ from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
-                                       rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler)
+                                       rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler,
+                                       uses_cpu_offload)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
 from crv_ray.train.losses import (all_reduce_metric_sums, cogpo_loss, finalize_metric_sums, merge_metric_sums,
@@ -48,7 +49,7 @@ class CogPORecipe:
         if stage.reference == "online":
             self.ref_model = setup_model(self.run["model_dir"], self.cfg.fsdp, None, stage.logprob_chunk_size,
                                          stage.seed, trainable=False)
-        self.optimizer = setup_optimizer(self.model, stage)
+        self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
         self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
         state = load_latest_checkpoint(self.model, self.optimizer, self.scheduler)
         self.global_step = 0 if state is None else int(state["global_step"])

@@ -15,7 +15,8 @@ from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
-                                       rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler)
+                                       rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler,
+                                       uses_cpu_offload)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
 from crv_ray.train.losses import sft_loss_terms
@@ -39,7 +40,7 @@ class SFTRecipe:
         self.total_steps = self.steps_per_epoch * stage.epochs
         self.model = setup_model(self.run["model_dir"], self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
                                  stage.seed)
-        self.optimizer = setup_optimizer(self.model, stage)
+        self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
         self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
         state = load_latest_checkpoint(self.model, self.optimizer, self.scheduler)
         self.global_step = 0 if state is None else int(state["global_step"])
