@@ -76,6 +76,11 @@ def test_resolve_beta():
     assert resolve_beta(None, "small", cfg) == (1.0, "gap_betas")
     assert resolve_beta(float("nan"), "large", cfg) == (0.2, "gap_betas")
     assert resolve_beta(None, None, cfg) == (0.7, "default_beta")
+    # loss: dpo is one beta for every pair, whatever the pair's beta column or gap say.
+    dpo = CogPOConfig(default_beta=0.7, loss="dpo")
+    assert [resolve_beta(b, g, dpo) for b, g in [(0.3, "small"), (None, "large"), (None, None)]] == [(0.7, "dpo")] * 3
+    # ipo and simpo keep CogPO's per-pair beta.
+    assert resolve_beta(None, "large", CogPOConfig(loss="simpo")) == (0.2, "gap_betas")
 
 
 # --- validation errors -------------------------------------------------------------------------------------

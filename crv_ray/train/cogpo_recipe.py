@@ -21,8 +21,8 @@ from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum
                                        uses_cpu_offload)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
-from crv_ray.train.losses import (all_reduce_metric_sums, cogpo_loss, finalize_metric_sums, merge_metric_sums,
-                                  preference_metric_sums)
+from crv_ray.train.losses import (all_reduce_metric_sums, finalize_metric_sums, merge_metric_sums,
+                                  preference_loss, preference_metric_sums)
 
 
 class CogPORecipe:
@@ -46,7 +46,7 @@ class CogPORecipe:
         self.model = setup_model(self.run["model_dir"], self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
                                  stage.seed)
         self.ref_model = None
-        if stage.reference == "online":
+        if stage.reference == "online" and stage.uses_reference:
             self.ref_model = setup_model(self.run["model_dir"], self.cfg.fsdp, None, stage.logprob_chunk_size,
                                          stage.seed, trainable=False)
         self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
@@ -75,6 +75,13 @@ class CogPORecipe:
         n = seq.shape[0] // 2
         return seq[:n], seq[n:]
 
+    @staticmethod
+    def _response_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response tokens of chosen [B] and rejected [B] (the positions `_sequence_logps` sums)."""
+        counts = batch["loss_mask"].sum(dim=-1)
+        n = counts.shape[0] // 2
+        return counts[:n], counts[n:]
+
     def train(self) -> bool:
         """Run to the end (True) or to `stop_after_steps` (False)."""
         stage, model = self.stage, self.model
@@ -94,13 +101,15 @@ class CogPORecipe:
                 raw = self.rows.collate(idx, self.pad_id)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
                 chosen_logps, rejected_logps = self._sequence_logps(model, batch)
-                if self.ref_model is None:
-                    ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
-                else:
+                ref_chosen = ref_rejected = None
+                if self.ref_model is not None:
                     with torch.no_grad():
                         ref_chosen, ref_rejected = self._sequence_logps(self.ref_model, batch)
-                out = cogpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, batch["beta"],
-                                 stage.label_smoothing)
+                elif stage.uses_reference:
+                    ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+                out = preference_loss(stage.loss, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
+                                      *self._response_tokens(batch), batch["beta"], stage.label_smoothing,
+                                      stage.simpo_gamma)
                 # Mean over the step's pairs on all ranks; FSDP averages gradients over ranks, hence * world.
                 (out.losses.sum() * (weight * self.world / max(global_pairs, 1))).backward()
                 local += weight * np.array([out.losses.sum().item(), int(batch["attention_mask"].sum()),

@@ -92,13 +92,32 @@ class SFTConfig(_StageConfig):
 class CogPOConfig(_StageConfig):
     epochs: int = Field(1, ge=1, description="Passes over the pairs (recipe: 1).")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (recipe: 1e-6).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing eps.")
+    loss: Literal["cogpo", "dpo", "ipo", "simpo"] = Field(
+        "cogpo", description="Functional form of the preference loss (crv_ray/train/losses.py): cogpo = DPO's "
+        "sigmoid loss with each pair's beta (beta column, else gap_betas, else default_beta); dpo = the same with "
+        "default_beta for every pair (beta column and gaps ignored); ipo = IPO's squared loss on per-token "
+        "log-ratios, each pair's beta as tau; simpo = reference-free SimPO on average log-probs with margin "
+        "simpo_gamma, each pair's beta.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo only).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing eps "
+                                   "(cogpo, dpo, simpo; not ipo).")
     gap_betas: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GAP_BETAS),
                                         description="Beta per gap type, used for rows without a beta column value.")
     default_beta: float = Field(0.5, gt=0, description="Beta for rows with neither a beta nor a known gap.")
     reference: Literal["precomputed", "online"] = Field(
         "precomputed", description="precomputed: read ref_chosen_logp/ref_rejected_logp columns (one model in "
         "memory); online: run a frozen copy of the starting model.")
+
+    @property
+    def uses_reference(self) -> bool:
+        """SimPO is reference-free: no reference log-probs are read or computed."""
+        return self.loss != "simpo"
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self):
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing does not apply to loss: ipo (set it to 0)")
+        return self
 
     @field_validator("gap_betas")
     @classmethod
@@ -118,7 +137,8 @@ class TrainConfig(_Strict):
     cogpo_variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Extra preference runs from the same SFT model and pairs, each `name: {cogpo fields to change}`, "
-        "e.g. `dpo: {gap_betas: {small: 0.5, medium: 0.5, large: 0.5}}` (one beta for every pair is DPO). Trained "
+        "e.g. `dpo: {loss: dpo}` (default_beta for every pair) or `simpo: {loss: simpo, default_beta: 2.0, gap_betas: "
+        "{small: 2.0, medium: 2.0, large: 2.0}}`. Trained "
         "after `cogpo` into <run_dir>/variants/<name>/ and evaluated beside it when eval.models names them.")
     tokenize_num_actors: int = Field(1, ge=1, description="Max Ray Data actors tokenizing the datasets.")
     ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
