@@ -47,9 +47,10 @@ def test_config_defaults_and_typos():
         CogPOConfig(gap_betas={"small": 0.0})
 
 
-def test_stage_hash_ignores_stop_after_steps():
+def test_stage_hash_ignores_stop_after_steps_and_max_failures():
     a = TrainConfig()
-    b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3}})
+    assert a.sft.max_failures == a.cogpo.max_failures == 2  # a dead worker restarts the group by default
+    b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3, "max_failures": 0}})
     c = TrainConfig.model_validate({"sft": {"lr": 1e-4}})
     assert stage_hash(a, "sft", data="x") == stage_hash(b, "sft", data="x")
     assert stage_hash(a, "sft", data="x") != stage_hash(c, "sft", data="x")

@@ -69,7 +69,9 @@ class _StageConfig(_Strict):
     checkpoint_every_steps: int = Field(100, ge=1, description="Save a sharded checkpoint every N optimizer steps "
                                         "(and always at the end).")
     keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (older ones deleted).")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1 = inf).")
+    max_failures: int = Field(2, ge=-1, description="Times Ray Train restarts a failed worker group (a worker "
+                              "process or node died); each restart resumes from the latest checkpoint (-1 = no "
+                              "limit, 0 = fail the run at the first worker failure). Not part of the config hash.")
     log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
     logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when projecting hidden states to "
                                     "vocab log-probs (bounds the [tokens, vocab] logits memory).")
@@ -179,9 +181,10 @@ def variant_config(cfg: TrainConfig, name: str) -> TrainConfig:
 def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
     """Hash of what determines a stage's result: its config, the shared parts and the input paths.
 
-    `stop_after_steps` is left out so a stopped run and its resumption share one run directory.
+    `stop_after_steps` and `max_failures` are left out: they say when a run stops or restarts, not what it
+    computes, so a stopped or restarted run and its resumption share one run directory.
     """
-    stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps"})
+    stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps", "max_failures"})
     payload = {
         "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
         "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),

@@ -237,6 +237,21 @@ class MetricsLogger:
             self.tb.close()
 
 
+# Test-only fault injection: a JSON file {"rank": r, "step": n} under the stage's out_dir makes rank r's process
+# exit hard right after optimizer step n, once (the file is renamed to FAULT_FILE + ".done" first).
+FAULT_FILE = ".inject_worker_failure.json"
+
+
+def maybe_inject_failure(out_dir: str | Path, rank: int, step: int) -> None:
+    path = Path(out_dir) / FAULT_FILE
+    if not path.is_file():
+        return
+    spec = json.loads(path.read_text())
+    if (spec["rank"], spec["step"]) == (rank, step):
+        os.replace(path, path.with_name(FAULT_FILE + ".done"))
+        os._exit(1)
+
+
 def run_recipe(recipe) -> None:
     """A recipe's life on one worker: setup, train, export when training ran to the end, cleanup."""
     recipe.setup()

@@ -16,7 +16,7 @@ from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (run_recipe, MetricsLogger, all_reduce_sum, clip_grad_norm, device, peak_memory_mb,
                                        rank_and_world, seed_all, setup_model, setup_optimizer, setup_scheduler,
-                                       uses_cpu_offload)
+                                       uses_cpu_offload, maybe_inject_failure)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
 from crv_ray.train.losses import sft_loss_terms
@@ -90,6 +90,7 @@ class SFTRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
             step_sums = np.array(all_reduce_sum(local.tolist()))
+            maybe_inject_failure(self.out_dir, self.rank, self.global_step)
             window += step_sums
 
             metrics = None
