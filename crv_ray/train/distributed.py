@@ -250,11 +250,3 @@ def maybe_inject_failure(out_dir: str | Path, rank: int, step: int) -> None:
     if (spec["rank"], spec["step"]) == (rank, step):
         os.replace(path, path.with_name(FAULT_FILE + ".done"))
         os._exit(1)
-
-
-def run_recipe(recipe) -> None:
-    """A recipe's life on one worker: setup, train, export when training ran to the end, cleanup."""
-    recipe.setup()
-    if recipe.train():
-        recipe.export()
-    recipe.cleanup()
