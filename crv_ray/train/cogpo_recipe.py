@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from crv_ray.train.batching import sequence_sums
 from crv_ray.train.distributed import setup_model
-from crv_ray.train.logprobs import shift_labels
-from crv_ray.train.loop import TrainLoop
+from crv_ray.train.loop import TrainLoop, batch_token_logps
 from crv_ray.train.losses import (all_reduce_metric_sums, finalize_metric_sums, merge_metric_sums, preference_loss,
                                   preference_metric_sums)
 
@@ -35,15 +35,14 @@ class CogPORecipe(TrainLoop):
 
     def _sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response-token log-probs of chosen [B] and rejected [B]."""
-        labels = shift_labels(batch["input_ids"], batch["loss_mask"])
-        seq = model(batch["input_ids"], batch["attention_mask"], labels).sum(dim=-1)
+        seq = sequence_sums(batch_token_logps(model, batch)[0], batch)
         n = seq.shape[0] // 2
         return seq[:n], seq[n:]
 
     @staticmethod
     def _response_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens of chosen [B] and rejected [B] (the positions `_sequence_logps` sums)."""
-        counts = batch["loss_mask"].sum(dim=-1)
+        counts = sequence_sums(batch["loss_mask"].long(), batch)
         n = counts.shape[0] // 2
         return counts[:n], counts[n:]
 

@@ -62,6 +62,13 @@ class _StageConfig(_Strict):
     truncation: Literal["drop", "truncate_response"] = Field(
         "drop", description="Rows over max_length: drop them, or cut the response to fit. Both are counted "
         "in data_report.json.")
+    packing: bool = Field(False, description="Padding-free micro-batches: pack a micro-batch's sequences into one "
+                          "row with restarting position ids (a pair's chosen and rejected together); the model keeps "
+                          "the sequences apart by those position ids. Log-probs and losses equal the padded path.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="With packing: cut each worker's rows of an optimizer step into micro-batches of at "
+        "most this many tokens (a row longer than that goes alone); null = per_device_batch_size rows each. The "
+        "step's rows and its loss are the same either way.")
     group_by_length: bool = Field(True, description="Build batches of similar length to waste less on padding.")
     length_group_window: int = Field(64, ge=1, description="Optimizer steps per window that is sorted by length "
                                      "(larger = less padding, less randomness).")
@@ -83,6 +90,8 @@ class _StageConfig(_Strict):
     def _prompt_fits(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if self.max_tokens_per_micro_batch is not None and not self.packing:
+            raise ValueError("max_tokens_per_micro_batch sizes packed micro-batches: set packing: true")
         return self
 
 

@@ -75,9 +75,12 @@ class TokenLogps(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token log-probs [rows, T]. A packed row passes `position_ids` and no attention mask: transformers then
+        keeps the sequences apart by where the positions restart (block-diagonal causal attention)."""
         base = base_causal_lm(self.lm)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         head = base.get_output_embeddings()
         logit_scale, softcap = _logit_transform(base.config)

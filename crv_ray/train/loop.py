@@ -15,13 +15,22 @@ import numpy as np
 import ray.train
 import torch
 
-from crv_ray.train.batching import TokenizedRows, plan_epoch, steps_per_epoch
+from crv_ray.train.batching import TokenizedRows, packed_micro_batches, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, maybe_inject_failure,
                                        peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
                                        setup_scheduler, uses_cpu_offload)
 from crv_ray.train.export import export_model
+from crv_ray.train.logprobs import shift_labels
+
+
+def batch_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token log-probs, labels), both [rows, T], of a padded or packed batch (batching.TokenizedRows.collate)."""
+    labels = shift_labels(batch["input_ids"], batch["loss_mask"])
+    if "position_ids" in batch:  # packed: the restarting positions, not a mask, keep the sequences apart
+        return model(batch["input_ids"], None, labels, batch["position_ids"]), labels
+    return model(batch["input_ids"], batch["attention_mask"], labels), labels
 
 
 class TrainLoop:
@@ -98,11 +107,16 @@ class TrainLoop:
             step_plan = self._plan(epoch)[step_in_epoch]
             denominator = max(self.step_denominator(step_plan), 1)
             local = np.zeros(4)  # loss sum, loss units, real tokens, padded positions
-            for micro in step_plan:
-                idx, weight = micro[self.rank], 1.0
+            if stage.packing:
+                micro_batches = packed_micro_batches(step_plan, self.rows.row_tokens,
+                                                     stage.max_tokens_per_micro_batch, self.rank)
+            else:
+                micro_batches = [micro[self.rank] for micro in step_plan]
+            for idx in micro_batches:
+                weight = 1.0
                 if len(idx) == 0:  # fewer rows than micro-batches: a zero-weight batch keeps collectives matched
                     idx, weight = np.array([0]), 0.0
-                raw = self.rows.collate(idx, self.pad_id)
+                raw = self.rows.collate(idx, self.pad_id, packed=stage.packing)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
                 loss_sum, units = self.micro_loss(batch, weight)
                 # Mean over the step on all ranks; FSDP averages gradients over ranks, hence * world.

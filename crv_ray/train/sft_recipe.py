@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from crv_ray.train.logprobs import shift_labels
-from crv_ray.train.loop import TrainLoop
+from crv_ray.train.loop import TrainLoop, batch_token_logps
 from crv_ray.train.losses import sft_loss_terms
 
 
@@ -20,8 +19,7 @@ class SFTRecipe(TrainLoop):
         return sum(int(self.rows.loss_tokens[idx].sum()) for micro in step_plan for idx in micro)
 
     def micro_loss(self, batch: dict, weight: float) -> tuple[torch.Tensor, float]:
-        labels = shift_labels(batch["input_ids"], batch["loss_mask"])
-        token_logps = self.model(batch["input_ids"], batch["attention_mask"], labels)
+        token_logps, labels = batch_token_logps(self.model, batch)
         nll_sum, n_tokens = sft_loss_terms(token_logps, labels)
         return nll_sum, n_tokens.item()
 
