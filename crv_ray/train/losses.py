@@ -66,8 +66,8 @@ class CogPOOutput:
 
     loss: Tensor  # scalar, mean of `losses`
     losses: Tensor  # [B]
-    chosen_rewards: Tensor  # [B], beta_i * (log pi(c_i) - log pi_ref(c_i))
-    rejected_rewards: Tensor  # [B], beta_i * (log pi(r_i) - log pi_ref(r_i))
+    chosen_rewards: Tensor  # [B], beta_i * (log pi(c_i) - log pi_ref(c_i)); simpo: beta_i * average log pi(c_i)
+    rejected_rewards: Tensor  # [B], the same for r_i
     margins: Tensor  # [B], chosen_rewards - rejected_rewards
 
 
@@ -79,68 +79,6 @@ def _check_beta(beta: Tensor | float, batch_size: int) -> None:
             raise ValueError(f"beta must be > 0 for every pair, got min {beta.min().item()}")
     elif not beta > 0:  # also rejects NaN
         raise ValueError(f"beta must be > 0, got {beta}")
-
-
-def cogpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: Tensor | float,
-    label_smoothing: float = 0.0,
-) -> CogPOOutput:
-    """CogPO loss: DPO's sigmoid loss with a per-pair beta [B] (or one float for all pairs).
-
-    All log-probs are [B] sequence sums over response tokens. Reference log-probs are treated as constants.
-    """
-    batch_size = policy_chosen_logps.shape[0] if policy_chosen_logps.dim() else -1
-    for name, logps in (
-        ("policy_chosen_logps", policy_chosen_logps),
-        ("policy_rejected_logps", policy_rejected_logps),
-        ("ref_chosen_logps", ref_chosen_logps),
-        ("ref_rejected_logps", ref_rejected_logps),
-    ):
-        if logps.dim() != 1 or logps.shape[0] != batch_size:
-            raise ValueError(f"{name} must have shape [B] = [{batch_size}], got {tuple(logps.shape)}")
-    _check_beta(beta, batch_size)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-
-    dtype = policy_chosen_logps.dtype
-    if isinstance(beta, Tensor):
-        beta = beta.to(device=policy_chosen_logps.device, dtype=dtype)
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps.to(dtype).detach()
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps.to(dtype).detach()
-    logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
-    return CogPOOutput(
-        loss=losses.mean(),
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        margins=chosen_rewards - rejected_rewards,
-    )
-
-
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> CogPOOutput:
-    """Plain DPO (sigmoid loss, cDPO label smoothing): CogPO with one beta for every pair."""
-    if isinstance(beta, Tensor):
-        raise ValueError("beta must be a float for dpo_loss; use cogpo_loss for per-pair betas")
-    return cogpo_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, float(beta), label_smoothing
-    )
-
-
-PREFERENCE_LOSSES: tuple[str, ...] = ("cogpo", "dpo", "ipo", "simpo")
 
 
 def _check_pair_tensors(**named: Tensor) -> int:
@@ -163,6 +101,75 @@ def _response_tokens(counts: Tensor, like: Tensor, name: str) -> Tensor:
     return counts.to(device=like.device, dtype=like.dtype)
 
 
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def _logratios(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+               ref_rejected_logps: Tensor) -> tuple[Tensor, Tensor]:
+    """log pi - log pi_ref of chosen and rejected; the reference is a constant."""
+    dtype = policy_chosen_logps.dtype
+    return (policy_chosen_logps - ref_chosen_logps.to(dtype).detach(),
+            policy_rejected_logps - ref_rejected_logps.to(dtype).detach())
+
+
+def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """-log sigmoid(logits), with cDPO label smoothing eps."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _output(losses: Tensor, beta: Tensor | float, chosen_scores: Tensor, rejected_scores: Tensor) -> CogPOOutput:
+    """Loss and implicit rewards beta * score (detached) of chosen and rejected."""
+    chosen_rewards = (beta * chosen_scores).detach()
+    rejected_rewards = (beta * rejected_scores).detach()
+    return CogPOOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
+                       rejected_rewards=rejected_rewards, margins=chosen_rewards - rejected_rewards)
+
+
+def cogpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Tensor | float,
+    label_smoothing: float = 0.0,
+) -> CogPOOutput:
+    """CogPO loss: DPO's sigmoid loss with a per-pair beta [B] (or one float for all pairs).
+
+    All log-probs are [B] sequence sums over response tokens. Reference log-probs are treated as constants.
+    """
+    batch_size = _check_pair_tensors(policy_chosen_logps=policy_chosen_logps,
+                                     policy_rejected_logps=policy_rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                                     ref_rejected_logps=ref_rejected_logps)
+    _check_beta(beta, batch_size)
+    _check_label_smoothing(label_smoothing)
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                      ref_rejected_logps)
+    beta = _beta_like(beta, policy_chosen_logps)
+    losses = _smoothed_sigmoid_loss(beta * (chosen_logratios - rejected_logratios), label_smoothing)
+    return _output(losses, beta, chosen_logratios, rejected_logratios)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> CogPOOutput:
+    """Plain DPO (sigmoid loss, cDPO label smoothing): CogPO with one beta for every pair."""
+    if isinstance(beta, Tensor):
+        raise ValueError("beta must be a float for dpo_loss; use cogpo_loss for per-pair betas")
+    return cogpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, float(beta), label_smoothing
+    )
+
+
+PREFERENCE_LOSSES: tuple[str, ...] = ("cogpo", "dpo", "ipo", "simpo")
+
+
 def ipo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -182,17 +189,12 @@ def ipo_loss(
                                      ref_rejected_logps=ref_rejected_logps, chosen_tokens=chosen_tokens,
                                      rejected_tokens=rejected_tokens)
     _check_beta(beta, batch_size)
-    dtype = policy_chosen_logps.dtype
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                      ref_rejected_logps)
     beta = _beta_like(beta, policy_chosen_logps)
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps.to(dtype).detach()
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps.to(dtype).detach()
     per_token = (chosen_logratios / _response_tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens")
                  - rejected_logratios / _response_tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens"))
-    losses = (per_token - 1 / (2 * beta)) ** 2
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
-    return CogPOOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
-                       rejected_rewards=rejected_rewards, margins=chosen_rewards - rejected_rewards)
+    return _output((per_token - 1 / (2 * beta)) ** 2, beta, chosen_logratios, rejected_logratios)
 
 
 def simpo_loss(
@@ -210,17 +212,12 @@ def simpo_loss(
                                      policy_rejected_logps=policy_rejected_logps, chosen_tokens=chosen_tokens,
                                      rejected_tokens=rejected_tokens)
     _check_beta(beta, batch_size)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_label_smoothing(label_smoothing)
     beta = _beta_like(beta, policy_chosen_logps)
     chosen_avg = policy_chosen_logps / _response_tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens")
     rejected_avg = policy_rejected_logps / _response_tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens")
-    logits = beta * (chosen_avg - rejected_avg) - gamma
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    chosen_rewards = (beta * chosen_avg).detach()
-    rejected_rewards = (beta * rejected_avg).detach()
-    return CogPOOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
-                       rejected_rewards=rejected_rewards, margins=chosen_rewards - rejected_rewards)
+    losses = _smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - gamma, label_smoothing)
+    return _output(losses, beta, chosen_avg, rejected_avg)
 
 
 def preference_loss(
