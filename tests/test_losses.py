@@ -15,10 +15,13 @@ from crv_ray.train.losses import (
     cogpo_loss,
     dpo_loss,
     finalize_metric_sums,
+    ipo_loss,
     merge_metric_sums,
+    preference_loss,
     preference_metric_sums,
     preference_metrics,
     sft_loss,
+    simpo_loss,
     sft_loss_terms,
 )
 
@@ -142,6 +145,106 @@ def test_label_smoothing_is_cdpo_as_in_trl(trl_trainer):
     torch.testing.assert_close(robust_loss, (sigmoid - eps * TRL_BETA * h / (1 - 2 * eps)).mean(), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, (sigmoid + eps * TRL_BETA * h).mean(), atol=1e-5, rtol=0)
     trainer.loss_types, trainer.label_smoothing = ["sigmoid"], 0.0
+
+
+def test_ipo_equals_trl_dpo_ipo_loss(trl_trainer):
+    """TRL 1.16's DPOTrainer `loss_type="ipo"` divides each response's log-ratio by its completion tokens."""
+    trainer = trl_trainer
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = ["ipo"], [1.0], 0.0
+    batch = trainer.data_collator(PAIRS)
+    trl_loss, trl_grads, _ = _trl_loss_and_grads(trainer, batch)
+    trainer.loss_types = ["sigmoid"]
+
+    labels = shift_labels(batch["input_ids"], batch["completion_mask"])
+    trainer.model.zero_grad()
+    logps, _ = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], labels, chunk_size=5)
+    with torch.no_grad():
+        ref_logps, _ = sequence_logps(trainer.ref_model, batch["input_ids"], batch["attention_mask"], labels)
+    chosen_tokens, rejected_tokens = (labels != -100).sum(dim=1).chunk(2)
+    assert chosen_tokens.tolist() == [3, 2, 4] and rejected_tokens.tolist() == [2, 5, 3]  # lengths differ
+    out = preference_loss("ipo", *logps.chunk(2), *ref_logps.chunk(2), chosen_tokens, rejected_tokens,
+                          torch.full((3,), TRL_BETA))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, trl_loss, atol=1e-5, rtol=0)
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param.grad, trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _random_pairs(n: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 200, (2, n), generator=g)
+    logps = -torch.rand(4, n, generator=g, dtype=torch.float64) * tokens.repeat(2, 1)  # about -U(0,1) per token
+    return {"chosen": logps[0], "rejected": logps[1], "ref_chosen": logps[2], "ref_rejected": logps[3],
+            "chosen_tokens": tokens[0], "rejected_tokens": tokens[1]}
+
+
+def _trl_cpo_loss(loss_type: str, beta: float, gamma: float, eps: float, chosen_avg, rejected_avg):
+    """TRL's own CPOTrainer.cpo_loss on average log-probs (what its concatenated_forward passes for simpo),
+    called with only the attributes it reads instead of a whole trainer."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+
+    fake = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, simpo_gamma=gamma, label_smoothing=eps,
+                           accelerator=SimpleNamespace(device=chosen_avg.device))
+    return CPOTrainer.cpo_loss(fake, chosen_avg, rejected_avg)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_simpo_equals_trl_cpo_simpo_loss(eps):
+    p, beta, gamma = _random_pairs(), 2.0, 0.7
+    chosen_avg, rejected_avg = p["chosen"] / p["chosen_tokens"], p["rejected"] / p["rejected_tokens"]
+    trl_losses, trl_chosen_rewards, trl_rejected_rewards = _trl_cpo_loss("simpo", beta, gamma, eps, chosen_avg,
+                                                                         rejected_avg)
+    out = simpo_loss(p["chosen"], p["rejected"], p["chosen_tokens"], p["rejected_tokens"], beta, gamma, eps)
+    torch.testing.assert_close(out.losses, trl_losses, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.chosen_rewards, trl_chosen_rewards, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.rejected_rewards, trl_rejected_rewards, atol=1e-6, rtol=0)
+    # Reference-free: the dispatcher needs no reference log-probs.
+    same = preference_loss("simpo", p["chosen"], p["rejected"], None, None, p["chosen_tokens"],
+                           p["rejected_tokens"], beta, eps, simpo_gamma=gamma)
+    torch.testing.assert_close(same.losses, out.losses, atol=0, rtol=0)
+
+
+def test_simpo_and_ipo_per_pair_beta_equal_trl_pair_by_pair():
+    """TRL takes one beta; with per-pair betas each pair's loss must be TRL's at that pair's beta."""
+    p = _random_pairs(n=6, seed=1)
+    betas = torch.tensor([0.1, 0.5, 1.0, 2.0, 2.5, 10.0], dtype=torch.float64)
+    chosen_avg, rejected_avg = p["chosen"] / p["chosen_tokens"], p["rejected"] / p["rejected_tokens"]
+    simpo = simpo_loss(p["chosen"], p["rejected"], p["chosen_tokens"], p["rejected_tokens"], betas, 0.5)
+    ipo = ipo_loss(p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], p["chosen_tokens"],
+                   p["rejected_tokens"], betas)
+    # TRL's CPOTrainer "ipo" is the same per-token IPO when its inputs are average log-ratios.
+    chosen_ratio_avg = (p["chosen"] - p["ref_chosen"]) / p["chosen_tokens"]
+    rejected_ratio_avg = (p["rejected"] - p["ref_rejected"]) / p["rejected_tokens"]
+    for i, beta in enumerate(betas.tolist()):
+        trl_simpo, *_ = _trl_cpo_loss("simpo", beta, 0.5, 0.0, chosen_avg[i:i + 1], rejected_avg[i:i + 1])
+        trl_ipo, *_ = _trl_cpo_loss("ipo", beta, 0.0, 0.0, chosen_ratio_avg[i:i + 1], rejected_ratio_avg[i:i + 1])
+        torch.testing.assert_close(simpo.losses[i:i + 1], trl_simpo, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ipo.losses[i:i + 1], trl_ipo, atol=1e-6, rtol=1e-9)
+    assert len(set(simpo.losses.tolist())) == 6 and len(set(ipo.losses.tolist())) == 6
+
+
+def test_preference_loss_dispatch():
+    p = _random_pairs(n=4, seed=2)
+    beta = torch.tensor([1.0, 0.5, 0.2, 0.5], dtype=torch.float64)
+    args = (p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"])
+    counts = (p["chosen_tokens"], p["rejected_tokens"])
+    cogpo = cogpo_loss(*args, beta, 0.1)
+    torch.testing.assert_close(preference_loss("cogpo", *args, *counts, beta, 0.1).losses, cogpo.losses)
+    torch.testing.assert_close(preference_loss("dpo", *args, *counts, 0.5).losses, dpo_loss(*args, 0.5).losses)
+    torch.testing.assert_close(preference_loss("ipo", *args, *counts, beta).losses,
+                               ipo_loss(*args, *counts, beta).losses)
+    with pytest.raises(ValueError, match="unknown preference loss 'kto'"):
+        preference_loss("kto", *args, *counts, beta)
+    with pytest.raises(ValueError, match="the ipo loss needs reference log-probs"):
+        preference_loss("ipo", p["chosen"], p["rejected"], None, None, *counts, beta)
+    with pytest.raises(ValueError, match="label_smoothing does not apply to the ipo loss"):
+        preference_loss("ipo", *args, *counts, beta, 0.1)
+    with pytest.raises(ValueError, match="chosen_tokens must be >= 1"):
+        simpo_loss(p["chosen"], p["rejected"], torch.zeros(4), p["rejected_tokens"], beta, 0.5)
+    with pytest.raises(ValueError, match=r"rejected_tokens must have shape \[B\] = \[4\]"):
+        ipo_loss(*args, p["chosen_tokens"], p["rejected_tokens"][:3], beta)
 
 
 # --- per-pair betas, by hand -------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ def test_config_defaults_and_typos():
         CogPOConfig(gap_betas={"small": 0.0})
 
 
-def test_stage_hash_ignores_stop_after_steps():
+def test_stage_hash_ignores_stop_after_steps_and_max_failures():
     a = TrainConfig()
-    b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3}})
+    assert a.sft.max_failures == a.cogpo.max_failures == 2  # a dead worker restarts the group by default
+    b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3, "max_failures": 0}})
     c = TrainConfig.model_validate({"sft": {"lr": 1e-4}})
     assert stage_hash(a, "sft", data="x") == stage_hash(b, "sft", data="x")
     assert stage_hash(a, "sft", data="x") != stage_hash(c, "sft", data="x")
@@ -76,6 +77,11 @@ def test_resolve_beta():
     assert resolve_beta(None, "small", cfg) == (1.0, "gap_betas")
     assert resolve_beta(float("nan"), "large", cfg) == (0.2, "gap_betas")
     assert resolve_beta(None, None, cfg) == (0.7, "default_beta")
+    # loss: dpo is one beta for every pair, whatever the pair's beta column or gap say.
+    dpo = CogPOConfig(default_beta=0.7, loss="dpo")
+    assert [resolve_beta(b, g, dpo) for b, g in [(0.3, "small"), (None, "large"), (None, None)]] == [(0.7, "dpo")] * 3
+    # ipo and simpo keep CogPO's per-pair beta.
+    assert resolve_beta(None, "large", CogPOConfig(loss="simpo")) == (0.2, "gap_betas")
 
 
 # --- validation errors -------------------------------------------------------------------------------------

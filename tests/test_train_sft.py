@@ -13,6 +13,7 @@ import torch
 from crv_ray.models.builtin import resolve_model
 from crv_ray.train.api import MARKER, read_metrics, run_sft
 from crv_ray.train.config import TrainConfig
+from crv_ray.train.distributed import FAULT_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +103,24 @@ def test_stop_and_resume_matches_uninterrupted(full_run, setup):
     for a, b in zip(full, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+
+
+def test_killed_worker_restarts_from_checkpoint_on_the_same_trajectory(full_run, setup):
+    """Rank 1's process dies after step 5 (checkpoints at 2, 4, ...): with the default max_failures Ray Train
+    restarts the worker group, which resumes from step 4's checkpoint and ends where an uninterrupted run ends."""
+    root, model = setup
+    cfg = TrainConfig.model_validate({"sft": SFT})
+    assert cfg.sft.max_failures > 0
+    out_dir = root / "killed"
+    out_dir.mkdir()
+    (out_dir / FAULT_FILE).write_text(json.dumps({"rank": 1, "step": 5}))
+    out = run_sft(cfg, model, root / "sft.parquet", out_dir)
+    assert (out_dir / (FAULT_FILE + ".done")).is_file() and not (out_dir / FAULT_FILE).exists()  # it did die
+    assert json.loads((out / MARKER).read_text())["stage"] == "sft"
+    steps = [json.loads(x)["step"] for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    # Rank 0 may or may not have logged step 5 before the group was torn down; after the restart it is 5 again.
+    assert steps in (list(range(1, 5)) + list(range(5, 10)), list(range(1, 6)) + list(range(5, 10))), steps
+    full, killed = read_metrics(root / "full"), read_metrics(out_dir)
+    assert [m["step"] for m in killed] == list(range(1, 10))
+    for a, b in zip(full, killed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]

@@ -62,6 +62,13 @@ class _StageConfig(_Strict):
     truncation: Literal["drop", "truncate_response"] = Field(
         "drop", description="Rows over max_length: drop them, or cut the response to fit. Both are counted "
         "in data_report.json.")
+    packing: bool = Field(False, description="Padding-free micro-batches: pack a micro-batch's sequences into one "
+                          "row with restarting position ids (a pair's chosen and rejected together); the model keeps "
+                          "the sequences apart by those position ids. Log-probs and losses equal the padded path.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="With packing: cut each worker's rows of an optimizer step into micro-batches of at "
+        "most this many tokens (a row longer than that goes alone); null = per_device_batch_size rows each. The "
+        "step's rows and its loss are the same either way.")
     group_by_length: bool = Field(True, description="Build batches of similar length to waste less on padding.")
     length_group_window: int = Field(64, ge=1, description="Optimizer steps per window that is sorted by length "
                                      "(larger = less padding, less randomness).")
@@ -69,7 +76,9 @@ class _StageConfig(_Strict):
     checkpoint_every_steps: int = Field(100, ge=1, description="Save a sharded checkpoint every N optimizer steps "
                                         "(and always at the end).")
     keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (older ones deleted).")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1 = inf).")
+    max_failures: int = Field(2, ge=-1, description="Times Ray Train restarts a failed worker group (a worker "
+                              "process or node died); each restart resumes from the latest checkpoint (-1 = no "
+                              "limit, 0 = fail the run at the first worker failure). Not part of the config hash.")
     log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
     logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when projecting hidden states to "
                                     "vocab log-probs (bounds the [tokens, vocab] logits memory).")
@@ -81,6 +90,8 @@ class _StageConfig(_Strict):
     def _prompt_fits(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if self.max_tokens_per_micro_batch is not None and not self.packing:
+            raise ValueError("max_tokens_per_micro_batch sizes packed micro-batches: set packing: true")
         return self
 
 
@@ -92,13 +103,32 @@ class SFTConfig(_StageConfig):
 class CogPOConfig(_StageConfig):
     epochs: int = Field(1, ge=1, description="Passes over the pairs (recipe: 1).")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (recipe: 1e-6).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing eps.")
+    loss: Literal["cogpo", "dpo", "ipo", "simpo"] = Field(
+        "cogpo", description="Functional form of the preference loss (crv_ray/train/losses.py): cogpo = DPO's "
+        "sigmoid loss with each pair's beta (beta column, else gap_betas, else default_beta); dpo = the same with "
+        "default_beta for every pair (beta column and gaps ignored); ipo = IPO's squared loss on per-token "
+        "log-ratios, each pair's beta as tau; simpo = reference-free SimPO on average log-probs with margin "
+        "simpo_gamma, each pair's beta.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin gamma (loss: simpo only).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative-DPO label smoothing eps "
+                                   "(cogpo, dpo, simpo; not ipo).")
     gap_betas: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GAP_BETAS),
                                         description="Beta per gap type, used for rows without a beta column value.")
     default_beta: float = Field(0.5, gt=0, description="Beta for rows with neither a beta nor a known gap.")
     reference: Literal["precomputed", "online"] = Field(
         "precomputed", description="precomputed: read ref_chosen_logp/ref_rejected_logp columns (one model in "
         "memory); online: run a frozen copy of the starting model.")
+
+    @property
+    def uses_reference(self) -> bool:
+        """SimPO is reference-free: no reference log-probs are read or computed."""
+        return self.loss != "simpo"
+
+    @model_validator(mode="after")
+    def _smoothing_applies(self):
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing does not apply to loss: ipo (set it to 0)")
+        return self
 
     @field_validator("gap_betas")
     @classmethod
@@ -118,7 +148,8 @@ class TrainConfig(_Strict):
     cogpo_variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Extra preference runs from the same SFT model and pairs, each `name: {cogpo fields to change}`, "
-        "e.g. `dpo: {gap_betas: {small: 0.5, medium: 0.5, large: 0.5}}` (one beta for every pair is DPO). Trained "
+        "e.g. `dpo: {loss: dpo}` (default_beta for every pair) or `simpo: {loss: simpo, default_beta: 2.0, gap_betas: "
+        "{small: 2.0, medium: 2.0, large: 2.0}}`. Trained "
         "after `cogpo` into <run_dir>/variants/<name>/ and evaluated beside it when eval.models names them.")
     tokenize_num_actors: int = Field(1, ge=1, description="Max Ray Data actors tokenizing the datasets.")
     ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
@@ -159,9 +190,10 @@ def variant_config(cfg: TrainConfig, name: str) -> TrainConfig:
 def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
     """Hash of what determines a stage's result: its config, the shared parts and the input paths.
 
-    `stop_after_steps` is left out so a stopped run and its resumption share one run directory.
+    `stop_after_steps` and `max_failures` are left out: they say when a run stops or restarts, not what it
+    computes, so a stopped or restarted run and its resumption share one run directory.
     """
-    stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps"})
+    stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps", "max_failures"})
     payload = {
         "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
         "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),

@@ -154,11 +154,14 @@ def apply_length_policy(ids: list[int], prompt_len: int, cfg: _StageConfig) -> t
     return ids[: cfg.max_length], "truncated"  # max_prompt_length < max_length keeps >= 1 response token
 
 
-BETA_SOURCES = ("column", "gap_betas", "default_beta")
+BETA_SOURCES = ("column", "gap_betas", "default_beta", "dpo")
 
 
 def resolve_beta(beta, gap, cfg: CogPOConfig) -> tuple[float, str]:
-    """(beta, where it came from): a `beta` column value wins, then `gap_betas[gap]`, then `default_beta`."""
+    """(beta, where it came from): a `beta` column value wins, then `gap_betas[gap]`, then `default_beta`.
+    `loss: dpo` gives every pair `default_beta`."""
+    if cfg.loss == "dpo":
+        return float(cfg.default_beta), "dpo"
     if beta is not None and not (isinstance(beta, float) and math.isnan(beta)):
         return float(beta), "column"
     if gap is not None and gap in cfg.gap_betas:
@@ -270,7 +273,8 @@ def describe_beta_sources(report: DataReport) -> str:
             continue
         where = {"column": "the pairs' own beta column",
                  "gap_betas": f"train.cogpo.gap_betas {report.gap_betas}",
-                 "default_beta": "train.cogpo.default_beta (no beta, no known gap)"}[src]
+                 "default_beta": "train.cogpo.default_beta (no beta, no known gap)",
+                 "dpo": "train.cogpo.default_beta (loss: dpo, one beta for all pairs)"}[src]
         parts.append(f"{n} from {where}")
     return "; ".join(parts)
 
@@ -291,8 +295,10 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
 
     what = "sft dataset" if kind == "sft" else "pairs dataset"
     files = list_parquet_files(data_path, what)
-    require_ref = kind == "pairs" and getattr(stage_cfg, "reference", "online") == "precomputed"
-    rows_in = validate_files(files, kind, getattr(stage_cfg, "gap_betas", None), require_ref=require_ref)
+    require_ref = (kind == "pairs" and stage_cfg.reference == "precomputed" and stage_cfg.uses_reference)
+    # Under loss: dpo the gaps choose nothing, so an unknown gap is no error.
+    gap_betas = stage_cfg.gap_betas if kind == "pairs" and stage_cfg.loss != "dpo" else None
+    rows_in = validate_files(files, kind, gap_betas, require_ref=require_ref)
     load_tokenizer(model_dir)  # fail here, on the driver, with the path in the message
     names = pq.read_schema(files[0]).names
     columns = list(SFT_COLUMNS) if kind == "sft" else (

@@ -7,6 +7,14 @@ CogPO (method.md, "CogPO: preference pairs with gap-dependent beta") is DPO's si
 
 eps is conservative DPO's label smoothing (cDPO). With one beta for all pairs and eps = 0 this is TRL's
 `loss_type="sigmoid"` loss exactly (tests/test_losses.py checks it against TRL's DPOTrainer).
+
+`train.cogpo.loss` picks the functional form (`preference_loss`); the beta of each pair is resolved as for CogPO
+(data.resolve_beta), except that `dpo` uses one beta for every pair:
+  cogpo  the sigmoid loss above, per-pair beta
+  dpo    the same with one beta (cogpo.default_beta) for all pairs
+  ipo    (h_i / n - 1 / (2 beta_i))^2, h per response token as TRL's DPOTrainer `loss_type="ipo"` computes it
+  simpo  reference-free, length-normalised: -log sigmoid(beta_i (avg log pi(c_i) - avg log pi(r_i)) - gamma)
+         (TRL's CPOTrainer `loss_type="simpo"`), cDPO smoothing as above
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ class CogPOOutput:
 
     loss: Tensor  # scalar, mean of `losses`
     losses: Tensor  # [B]
-    chosen_rewards: Tensor  # [B], beta_i * (log pi(c_i) - log pi_ref(c_i))
-    rejected_rewards: Tensor  # [B], beta_i * (log pi(r_i) - log pi_ref(r_i))
+    chosen_rewards: Tensor  # [B], beta_i * (log pi(c_i) - log pi_ref(c_i)); simpo: beta_i * average log pi(c_i)
+    rejected_rewards: Tensor  # [B], the same for r_i
     margins: Tensor  # [B], chosen_rewards - rejected_rewards
 
 
@@ -71,6 +79,52 @@ def _check_beta(beta: Tensor | float, batch_size: int) -> None:
             raise ValueError(f"beta must be > 0 for every pair, got min {beta.min().item()}")
     elif not beta > 0:  # also rejects NaN
         raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _check_pair_tensors(**named: Tensor) -> int:
+    """Every tensor must be [B] with the same B; returns B."""
+    first = next(iter(named.values()))
+    batch_size = first.shape[0] if first.dim() else -1
+    for name, values in named.items():
+        if values.dim() != 1 or values.shape[0] != batch_size:
+            raise ValueError(f"{name} must have shape [B] = [{batch_size}], got {tuple(values.shape)}")
+    return batch_size
+
+
+def _beta_like(beta: Tensor | float, like: Tensor) -> Tensor | float:
+    return beta.to(device=like.device, dtype=like.dtype) if isinstance(beta, Tensor) else beta
+
+
+def _response_tokens(counts: Tensor, like: Tensor, name: str) -> Tensor:
+    if bool((counts < 1).any()):
+        raise ValueError(f"{name} must be >= 1 for every response, got min {counts.min().item()}")
+    return counts.to(device=like.device, dtype=like.dtype)
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def _logratios(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+               ref_rejected_logps: Tensor) -> tuple[Tensor, Tensor]:
+    """log pi - log pi_ref of chosen and rejected; the reference is a constant."""
+    dtype = policy_chosen_logps.dtype
+    return (policy_chosen_logps - ref_chosen_logps.to(dtype).detach(),
+            policy_rejected_logps - ref_rejected_logps.to(dtype).detach())
+
+
+def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """-log sigmoid(logits), with cDPO label smoothing eps."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _output(losses: Tensor, beta: Tensor | float, chosen_scores: Tensor, rejected_scores: Tensor) -> CogPOOutput:
+    """Loss and implicit rewards beta * score (detached) of chosen and rejected."""
+    chosen_rewards = (beta * chosen_scores).detach()
+    rejected_rewards = (beta * rejected_scores).detach()
+    return CogPOOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
+                       rejected_rewards=rejected_rewards, margins=chosen_rewards - rejected_rewards)
 
 
 def cogpo_loss(
@@ -85,35 +139,16 @@ def cogpo_loss(
 
     All log-probs are [B] sequence sums over response tokens. Reference log-probs are treated as constants.
     """
-    batch_size = policy_chosen_logps.shape[0] if policy_chosen_logps.dim() else -1
-    for name, logps in (
-        ("policy_chosen_logps", policy_chosen_logps),
-        ("policy_rejected_logps", policy_rejected_logps),
-        ("ref_chosen_logps", ref_chosen_logps),
-        ("ref_rejected_logps", ref_rejected_logps),
-    ):
-        if logps.dim() != 1 or logps.shape[0] != batch_size:
-            raise ValueError(f"{name} must have shape [B] = [{batch_size}], got {tuple(logps.shape)}")
+    batch_size = _check_pair_tensors(policy_chosen_logps=policy_chosen_logps,
+                                     policy_rejected_logps=policy_rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                                     ref_rejected_logps=ref_rejected_logps)
     _check_beta(beta, batch_size)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-
-    dtype = policy_chosen_logps.dtype
-    if isinstance(beta, Tensor):
-        beta = beta.to(device=policy_chosen_logps.device, dtype=dtype)
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps.to(dtype).detach()
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps.to(dtype).detach()
-    logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
-    return CogPOOutput(
-        loss=losses.mean(),
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        margins=chosen_rewards - rejected_rewards,
-    )
+    _check_label_smoothing(label_smoothing)
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                      ref_rejected_logps)
+    beta = _beta_like(beta, policy_chosen_logps)
+    losses = _smoothed_sigmoid_loss(beta * (chosen_logratios - rejected_logratios), label_smoothing)
+    return _output(losses, beta, chosen_logratios, rejected_logratios)
 
 
 def dpo_loss(
@@ -130,6 +165,89 @@ def dpo_loss(
     return cogpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, float(beta), label_smoothing
     )
+
+
+PREFERENCE_LOSSES: tuple[str, ...] = ("cogpo", "dpo", "ipo", "simpo")
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    beta: Tensor | float,
+) -> CogPOOutput:
+    """IPO (Azar et al. 2023, eq. 17) with per-pair beta (tau in the paper), on log-ratios per response token.
+
+    Summed log-ratios make the squared loss grow with response length; like TRL's DPOTrainer, each response's
+    log-ratio is divided by its token count first. Rewards are logged as for DPO (beta * summed log-ratio).
+    """
+    batch_size = _check_pair_tensors(policy_chosen_logps=policy_chosen_logps,
+                                     policy_rejected_logps=policy_rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                                     ref_rejected_logps=ref_rejected_logps, chosen_tokens=chosen_tokens,
+                                     rejected_tokens=rejected_tokens)
+    _check_beta(beta, batch_size)
+    chosen_logratios, rejected_logratios = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                                      ref_rejected_logps)
+    beta = _beta_like(beta, policy_chosen_logps)
+    per_token = (chosen_logratios / _response_tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens")
+                 - rejected_logratios / _response_tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens"))
+    return _output((per_token - 1 / (2 * beta)) ** 2, beta, chosen_logratios, rejected_logratios)
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    beta: Tensor | float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> CogPOOutput:
+    """SimPO (Meng et al. 2024): reference-free, on the average log-prob per response token, with target margin
+    gamma; per-pair beta. Rewards are beta * average log-prob (as TRL's CPOTrainer logs them)."""
+    batch_size = _check_pair_tensors(policy_chosen_logps=policy_chosen_logps,
+                                     policy_rejected_logps=policy_rejected_logps, chosen_tokens=chosen_tokens,
+                                     rejected_tokens=rejected_tokens)
+    _check_beta(beta, batch_size)
+    _check_label_smoothing(label_smoothing)
+    beta = _beta_like(beta, policy_chosen_logps)
+    chosen_avg = policy_chosen_logps / _response_tokens(chosen_tokens, policy_chosen_logps, "chosen_tokens")
+    rejected_avg = policy_rejected_logps / _response_tokens(rejected_tokens, policy_chosen_logps, "rejected_tokens")
+    losses = _smoothed_sigmoid_loss(beta * (chosen_avg - rejected_avg) - gamma, label_smoothing)
+    return _output(losses, beta, chosen_avg, rejected_avg)
+
+
+def preference_loss(
+    kind: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    beta: Tensor | float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
+) -> CogPOOutput:
+    """The loss `train.cogpo.loss` names, on [B] summed log-probs and [B] response-token counts. `beta` is
+    already resolved per pair (for `dpo` it is one value for all pairs); simpo needs no reference log-probs."""
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {kind!r} (one of {PREFERENCE_LOSSES})")
+    if kind == "simpo":
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens, beta,
+                          simpo_gamma, label_smoothing)
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"the {kind} loss needs reference log-probs")
+    if kind == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing does not apply to the ipo loss")
+        return ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        chosen_tokens, rejected_tokens, beta)
+    return cogpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                      label_smoothing)
 
 
 def betas_for_gaps(gaps: Sequence[str], gap_betas: Mapping[str, float], device: torch.device | str = "cpu") -> Tensor:

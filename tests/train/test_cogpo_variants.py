@@ -50,3 +50,16 @@ def test_variants_do_not_change_the_refine_hash():
     a = load_config_dict(MIN)
     b = load_config_dict({**MIN, "train": {"cogpo_variants": {"dpo": ONE_BETA}}})
     assert a.refine_hash() == b.refine_hash()
+
+
+def test_loss_variants_validate_at_load_time():
+    t = TrainConfig.model_validate({"cogpo_variants": {"dpo": {"loss": "dpo"}, "simpo": {"loss": "simpo",
+                                                                                      "simpo_gamma": 1.0}}})
+    assert t.cogpo.loss == "cogpo" and t.cogpo.uses_reference
+    assert variant_config(t, "dpo").cogpo.loss == "dpo"
+    simpo = variant_config(t, "simpo").cogpo
+    assert (simpo.loss, simpo.simpo_gamma, simpo.uses_reference) == ("simpo", 1.0, False)
+    with pytest.raises(ValueError, match="cogpo_variants.ipo: .*label_smoothing does not apply to loss: ipo"):
+        TrainConfig.model_validate({"cogpo": {"label_smoothing": 0.1}, "cogpo_variants": {"ipo": {"loss": "ipo"}}})
+    with pytest.raises(ValueError, match=r"cogpo.loss\n  Input should be 'cogpo', 'dpo', 'ipo' or 'simpo'"):
+        TrainConfig.model_validate({"cogpo": {"loss": "kto"}})
