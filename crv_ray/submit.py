@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crv_ray.config import _ENV_RE, SECRET_RE, RunConfig, load_config_dict, read_config_file
+from crv_ray.config import RunConfig, load_config_dict, read_config_file
+from crv_ray.redact import ENV_REF_RE, SECRET_FIELD_RE
 
 # Not uploaded from a --working-dir: repository metadata and virtual environments are large and never needed.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
@@ -51,7 +52,7 @@ def env_references(raw: Any, cfg: RunConfig | None = None) -> list[str]:
             for v in obj:
                 walk(v, key, from_config)
         elif isinstance(obj, str):
-            names.extend(m.group(1) for m in _ENV_RE.finditer(obj))
+            names.extend(m.group(1) for m in ENV_REF_RE.finditer(obj))
             if from_config and key.endswith("_env") and obj:
                 names.append(obj)
 
@@ -71,7 +72,7 @@ def validate_for_cluster(raw: dict, source: str, overrides: list[str]) -> RunCon
         if isinstance(obj, list):
             return [placeholder(v) for v in obj]
         if isinstance(obj, str):
-            return _ENV_RE.sub(lambda m: m.group(0) if m.group(1) in os.environ or m.group(2) is not None
+            return ENV_REF_RE.sub(lambda m: m.group(0) if m.group(1) in os.environ or m.group(2) is not None
                                else _UNSET, obj)
         return obj
 
@@ -93,7 +94,7 @@ def build_job(config: Path, overrides: list[str], working_dir: Path | None = Non
     config = Path(config)
     for o in overrides:  # the entrypoint, like the runtime env, is shown by `ray job list`
         key = o.split("=", 1)[0].strip()
-        if SECRET_RE.search(key.rsplit(".", 1)[-1]) and not key.endswith("_env"):
+        if SECRET_FIELD_RE.search(key.rsplit(".", 1)[-1]) and not key.endswith("_env"):
             raise ValueError(f"--set {key}=...: a secret would be visible in the job's entrypoint (`ray job list`); "
                              "reference an environment variable set on the cluster instead (${VAR} in the config)")
     raw = read_config_file(config)
