@@ -107,7 +107,7 @@ def test_stop_and_resume_matches_uninterrupted(full_run, setup):
 
 def test_killed_worker_restarts_from_checkpoint_on_the_same_trajectory(full_run, setup):
     """Rank 1's process dies after step 5 (checkpoints at 2, 4, ...): with the default max_failures Ray Train
-    restarts the worker group, which resumes from step 4's checkpoint and ends where an uninterrupted run ends."""
+    restarts the worker group, which resumes from its last checkpoint and ends where an uninterrupted run ends."""
     root, model = setup
     cfg = TrainConfig.model_validate({"sft": SFT})
     assert cfg.sft.max_failures > 0
@@ -118,8 +118,11 @@ def test_killed_worker_restarts_from_checkpoint_on_the_same_trajectory(full_run,
     assert (out_dir / (FAULT_FILE + ".done")).is_file() and not (out_dir / FAULT_FILE).exists()  # it did die
     assert json.loads((out / MARKER).read_text())["stage"] == "sft"
     steps = [json.loads(x)["step"] for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    # Rank 0 may or may not have logged step 5 before the group was torn down; after the restart it is 5 again.
-    assert steps in (list(range(1, 5)) + list(range(5, 10)), list(range(1, 6)) + list(range(5, 10))), steps
+    # Rank 0 may or may not have logged step 5 before the group was torn down. The restart resumes from the last
+    # checkpoint Ray Train had registered: step 4's, or step 2's when the group died before the controller took
+    # step 4's report in (a race on a loaded machine); either way every step after it is run again.
+    allowed = [list(range(1, k + 1)) + list(range(c + 1, 10)) for k in (4, 5) for c in (2, 4)]
+    assert steps in allowed, steps
     full, killed = read_metrics(root / "full"), read_metrics(out_dir)
     assert [m["step"] for m in killed] == list(range(1, 10))
     for a, b in zip(full, killed):

@@ -319,7 +319,10 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
     walls: dict[str, float] = {}
-    last_use = {s.engine: i for i, s in enumerate(stages) if s.engine is not None}
+    # Per pool, not per engine name: engines with identical settings share one pool, which unloads after the last
+    # stage of any of them.
+    engines = {s.engine for s in stages if s.engine is not None}
+    last_use = {pools.key(s.engine) or s.engine: i for i, s in enumerate(stages) if s.engine is not None}
     for i, spec in enumerate(stages):
         t0 = time.time()
         stage_dir = f"{i:02d}-{spec.name}"
@@ -337,7 +340,7 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
             run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write), cfg,
                         f"refine stage {spec.name}", columns)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
-        pools.release(name for name in last_use if last_use[name] == i)
+        pools.release(name for name in engines if last_use[pools.key(name) or name] == i)
         walls[spec.name] = round(time.time() - t0, 3)
         if todo:
             print(f"[refine] stage {spec.name} done in {walls[spec.name]:.0f}s", flush=True)
