@@ -26,6 +26,16 @@ def resolved_model_path(spec: str) -> str:
     return spec
 
 
+def engine_pool_key(cfg: RunConfig, name: str) -> str | None:
+    """The pool an engine entry runs on (entries with identical settings share one); None for non-vLLM engines."""
+    engine = cfg.engines[name]
+    if not isinstance(engine, VLLMEngineConfig):
+        return None
+    from crv_ray.engines.vllm_pool import pool_key
+
+    return pool_key(engine)
+
+
 class EnginePools:
     """The run's vLLM pools by engine name. Entries with identical settings share one pool (one model load).
 
@@ -40,12 +50,7 @@ class EnginePools:
         self._load_log: tuple | None = None  # (name, handle) of the pools' LoadLog
 
     def key(self, name: str) -> str | None:
-        engine = self.cfg.engines[name]
-        if not isinstance(engine, VLLMEngineConfig):
-            return None
-        from crv_ray.engines.vllm_pool import pool_key
-
-        return pool_key(engine)
+        return engine_pool_key(self.cfg, name)
 
     def names_of(self, key: str) -> list[str]:
         return sorted(n for n in self.cfg.engines if self.key(n) == key)

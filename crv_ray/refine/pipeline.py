@@ -23,7 +23,8 @@ import pyarrow as pa
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
-from crv_ray.engines import EnginePools, build_engine_transform, caller_resources, pool_resources
+from crv_ray.engines import (EnginePools, build_engine_transform, caller_resources, engine_pool_key,
+                             pool_resources)
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.progress import Progress
 from crv_ray.refine.assemble import assemble_shard
@@ -362,7 +363,6 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
 def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[str, float]]]:
     """(what runs, resources held) at each point of the run: streaming holds every pool at once; staged holds, per
     stage, the pools whose first..last use spans it (each pool counted once, however many engines name it)."""
-    pools = EnginePools(cfg, 0)
     used = [(i, s) for i, s in enumerate(stages) if s.engine is not None]
     if not used:
         return []
@@ -370,7 +370,7 @@ def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[s
     def total(engines: set[str], callers: list[str]) -> dict[str, float]:
         seen: dict[str, dict[str, float]] = {}
         for name in engines:
-            seen[pools.key(name) or f"-{name}"] = pool_resources(cfg, name)
+            seen[engine_pool_key(cfg, name) or f"-{name}"] = pool_resources(cfg, name)
         out = {"CPU": 0.0, "GPU": 0.0}
         for r in list(seen.values()) + [caller_resources(cfg, n) for n in callers]:
             out["CPU"] += r["CPU"]
