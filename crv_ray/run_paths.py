@@ -9,6 +9,7 @@ from here.
         _work/input/                ingested shards (working rows)
         _work/stages/<stage>/       per-stage outputs (staged mode)
         _work/done/shard-NNNNN.json commit marker, written last
+        _work/spill/shard-NNNNN/    finished rows of a shard still running (Ray workers write, the driver reads back)
       sft/ cogpo/ variants/<name>/  training stages (crv_ray.train.api), each:
         model/                      exported Hugging Face model (+ crv_ray_train.json, the completion marker)
         checkpoints/ metrics.jsonl tb/ data_report.json data/<hash>/
@@ -79,6 +80,10 @@ class RunPaths:
 
     def refine_stage_file(self, stage: str, shard: int) -> Path:
         return self.refine_work / "stages" / stage / f"{shard_name(shard)}.parquet"
+
+    @property
+    def refine_spill(self) -> Path:
+        return self.refine_work / "spill"
 
     def refine_done_marker(self, shard: int) -> Path:
         return self.refine_work / "done" / f"{shard_name(shard)}.json"

@@ -159,10 +159,10 @@ def _iter_hf(path: str, split: str, columns: list[str], optional: list[str]) -> 
 
 def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]:
     if cfg.source == "synthetic":
-        from crv_ray.data.synthetic import generate_problems
+        from crv_ray.data.synthetic import iter_problems
 
         s = cfg.synthetic
-        for i, row in enumerate(generate_problems(s.n, seed=s.seed, verbosity=s.verbosity, wrong_fraction=s.wrong_fraction)):
+        for i, row in enumerate(iter_problems(s.n, seed=s.seed, verbosity=s.verbosity, wrong_fraction=s.wrong_fraction)):
             yield f"synthetic:{i + 1}", row, None
         return
     cols = cfg.columns

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,11 +260,22 @@ def generate_problems(
     verbosity: str | Sequence[str] = VERBOSITIES,
     wrong_fraction: float = 0.1,
 ) -> list[dict]:
+    """`iter_problems` as a list."""
+    return list(iter_problems(n, seed, verbosity, wrong_fraction))
+
+
+def iter_problems(
+    n: int,
+    seed: int = 0,
+    verbosity: str | Sequence[str] = VERBOSITIES,
+    wrong_fraction: float = 0.1,
+) -> Iterator[dict]:
     """n problems: id, problem, answer (an integer as a string), cot, verbosity, cot_is_correct.
 
     Verbosity cycles through `verbosity`. Row i's problem depends only on (seed, i). Exactly
     round(n * wrong_fraction) rows, picked by (seed, n), get a CoT with an arithmetic slip and a wrong boxed
-    answer: an exact count, so even a small run has its negatives.
+    answer: an exact count, so even a small run has its negatives. A generator, so that ingesting 100k problems
+    never holds them all in the driver.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -275,7 +286,11 @@ def generate_problems(
     if not levels or bad:
         raise ValueError(f"verbosity must be a non-empty list of {VERBOSITIES}, got {verbosity!r}")
     wrong = set(random.Random(f"{seed}:wrong").sample(range(n), round(n * wrong_fraction)))
-    rows = []
+    return _iter_problems(n, seed, levels, wrong)
+
+
+def _iter_problems(n: int, seed: int, levels: list[str], wrong: set[int]) -> Iterator[dict]:
+    # Separate from iter_problems so that bad arguments raise at the call, not at the first next().
     for i in range(n):
         rng = random.Random(f"{seed}:{i}")
         problem = rng.choice(_TEMPLATES)(rng)
@@ -290,15 +305,14 @@ def generate_problems(
             cot = _render_normal(problem, values)  # type: ignore[arg-type]
         else:
             cot = _render_padded(problem, values, slip[0] if slip else None)  # type: ignore[arg-type]
-        rows.append({
+        yield {
             "id": f"syn-{seed}-{i:06d}",
             "problem": problem.text,
             "answer": str(correct_values[-1]),
             "cot": cot,
             "verbosity": level,
             "cot_is_correct": slip is None,
-        })
-    return rows
+        }
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:

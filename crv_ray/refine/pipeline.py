@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
+import uuid
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
@@ -33,6 +35,7 @@ from crv_ray.refine.prompts import render_student_prompt
 from crv_ray.refine.roles import Reply, StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
+from crv_ray.run_paths import shard_name
 
 log = logging.getLogger("crv_ray.refine")
 
@@ -101,8 +104,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         write_parquet_atomic(store.input_file(shard), to_table(buf, schema))
         # Rows the judge stage must see (input.on_no_answer=judge): without any, its pool is not started.
         no_answer = sum(1 for r in buf if r["error"] is None and r["orig_status"] == "no_answer")
-        shards.append({"shard": shard, "rows": len(buf), "no_answer": no_answer,
-                       "problem_ids": [r["problem_id"] for r in buf]})
+        shards.append({"shard": shard, "rows": len(buf), "no_answer": no_answer})
         buf.clear()
 
     n_in = n_bad = 0
@@ -137,7 +139,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
         "input_fingerprint": fingerprint,
         "rows_in": n_in,
         "rows_quarantined_at_input": n_bad,
-        "shards": [{k: s[k] for k in ("shard", "rows", "no_answer")} for s in shards],
+        "shards": shards,
         "ingest_s": round(time.time() - t0, 3),
     }
     store.write_state(state)
@@ -192,26 +194,82 @@ def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str], pools: 
 
 
 # ------------------------------------------------------------------ collecting per shard, with a watchdog
-@dataclass
+KEY_COLUMNS = ("shard", "problem_id", "sample_index", "sample_copies")
+
+
+def spill_rows(batch: pa.Table, schema: pa.Schema, spill_dir: str) -> pa.Table:
+    """The pipeline's last step, in a Ray worker: write the finished rows, one file per shard in the batch, under
+    `spill_dir/shard-NNNNN/`, and return only their keys to the driver.
+
+    Why: the driver reading result blocks maps object-store pages into its memory, and Ray Data returns rows out of
+    order (at 20k problems the first shard completed among the last), so holding or mapping rows there grows with
+    the input (306 MB of mapped object store at 50k rows). Keys are a few bytes a row."""
+    batch = conform(batch, schema)
+    shards = batch.column("shard").to_pylist()
+    for shard in dict.fromkeys(shards):
+        part = batch if len(set(shards)) == 1 else batch.filter(pa.array([s == shard for s in shards]))
+        folder = Path(spill_dir) / shard_name(int(shard))
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        # Renamed into place so a killed task leaves no half file; no fsync: a crash reruns the unfinished shard.
+        pq.write_table(part, folder / f".{name}.tmp")
+        os.replace(folder / f".{name}.tmp", folder / f"{name}.parquet")
+    return batch.select(list(KEY_COLUMNS))
+
+
 class ShardCollector:
-    """Groups finished rows by shard and problem; a shard is complete when all its problems have all copies."""
+    """Counts finished rows per shard and problem (from `spill_rows`' keys); a shard is complete when all its
+    problems have all copies, and is then read back from its spilled files (one shard's rows) for `on_complete`.
 
-    expected: dict[int, int]  # shard -> number of problems
-    on_complete: Callable[[int, dict[str, list[dict]]], None]
-    rows: dict[int, dict[str, list[dict]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
-    finished: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    A copy is counted once even if a retried task wrote it twice (reading keeps the first of each copy)."""
 
-    def add(self, row: dict) -> None:
-        shard, pid = int(row["shard"]), row["problem_id"]
-        group = self.rows[shard][pid]
-        group.append(row)
-        if len(group) == int(row.get("sample_copies") or 1):
-            self.finished[shard] += 1
-            if self.finished[shard] == self.expected[shard]:
-                self.on_complete(shard, self.rows.pop(shard))
+    def __init__(self, expected: dict[int, int], on_complete: Callable[[int, dict[str, list[dict]]], None],
+                 spill_dir: Path):
+        self.expected = expected  # shard -> number of problems
+        self.on_complete = on_complete
+        self.spill_dir = Path(spill_dir)
+        self.finished: dict[int, int] = defaultdict(int)  # shard -> problems with all their copies
+        self._seen: dict[int, dict[str, int]] = defaultdict(dict)  # open shards: problem -> bitmask of copies seen
+        for shard in expected:  # parts of a killed run: the shard runs again from its start
+            shutil.rmtree(self.spill_dir / shard_name(shard), ignore_errors=True)
+
+    def add_keys(self, keys: pa.Table) -> None:
+        cols = [keys.column(c).to_pylist() for c in KEY_COLUMNS]
+        for shard, pid, index, copies in zip(*cols):
+            seen = self._seen[shard]
+            bit = 1 << int(index or 0)
+            mask = seen.get(pid, 0)
+            if mask & bit:
+                continue
+            seen[pid] = mask = mask | bit
+            if mask == (1 << int(copies or 1)) - 1:
+                self.finished[shard] += 1
+                if self.finished[shard] == self.expected[shard]:
+                    self._complete(shard)
+
+    def _complete(self, shard: int) -> None:
+        del self._seen[shard]
+        folder = self.spill_dir / shard_name(shard)
+        by_problem: dict[str, list[dict]] = defaultdict(list)
+        copies: set[tuple[str, int]] = set()
+        for f in sorted(folder.glob("*.parquet")):
+            for row in pq.read_table(f).to_pylist():
+                key = (row["problem_id"], row["sample_index"])
+                if key not in copies:
+                    copies.add(key)
+                    by_problem[row["problem_id"]].append(row)
+        self.on_complete(shard, by_problem)
+        shutil.rmtree(folder, ignore_errors=True)
 
     def incomplete(self) -> list[int]:
         return sorted(s for s in self.expected if self.finished.get(s, 0) < self.expected[s])
+
+
+def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`batch` with exactly `schema`'s columns and types (Ray Data may drop all-null columns or infer null types)."""
+    cols = [batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_timeout_s: float | None = None):
@@ -269,14 +327,15 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
         stop.set()
 
 
-def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
-    batches = iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
+def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema: pa.Schema) -> None:
+    ds = ds.map_batches(spill_rows, fn_kwargs={"schema": schema, "spill_dir": str(collector.spill_dir)},
+                        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.1)
+    batches = iterate_with_watchdog(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
                                     cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
     bar = Progress(what, sum(collector.expected.values()), unit="problems")
     with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too
-        for batch in batches:
-            for row in batch.select([c for c in columns if c in batch.column_names]).to_pylist():
-                collector.add(row)
+        for keys in batches:
+            collector.add_keys(keys)
             bar.update(sum(collector.finished.values()))
     bar.close()
     missing = collector.incomplete()
@@ -300,8 +359,8 @@ def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], s
     ds = _read([store.input_file(s["shard"]) for s in shards], schema)
     for spec in stages:
         ds = apply_stage(ds, cfg, spec, columns, pools)
-    collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit)
-    run_dataset(ds, collector, cfg, "refine (streaming)", columns)
+    collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit, store.paths.refine_spill)
+    run_dataset(ds, collector, cfg, "refine (streaming)", schema)
     return {}  # stages overlap in streaming mode: only the run's total wall time is meaningful
 
 
@@ -314,8 +373,6 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
     (judge, critic, rethink/verify rounds, injection on the agent; then the student) one model is resident at a time
     and each loads once. `critic_guard(shard, rows)` sees the shards in order right after the last critic stage
     (it may raise)."""
-    import pyarrow.parquet as pq
-
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
@@ -338,8 +395,8 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
                 write_parquet_atomic(store.stage_file(_d, shard), to_table(rows, schema))
 
             ds = apply_stage(_read([prev[s["shard"]] for s in todo], schema), cfg, spec, columns, pools)
-            run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write), cfg,
-                        f"refine stage {spec.name}", columns)
+            run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write, store.paths.refine_spill),
+                        cfg, f"refine stage {spec.name}", schema)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
         pools.release(name for name in engines if last_use[pools.key(name) or name] == i)
         walls[spec.name] = round(time.time() - t0, 3)
