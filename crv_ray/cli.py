@@ -100,10 +100,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from crv_ray.run_status import format_status, run_status
 
-    target = Path(args.target)
-    if target.is_file():  # a config: its run_dir, and its variants even before they start
+    from crv_ray.storage import as_path
+
+    target = as_path(args.target)  # a local path or a URI (s3://bucket/run)
+    if isinstance(target, Path) and target.is_file():  # a config: its run_dir, and its variants before they start
         cfg = load_config(target, list(args.set or []))
-        run_dir, variants = Path(cfg.run_dir), list(cfg.train.cogpo_variants)
+        run_dir, variants = cfg.run_dir, list(cfg.train.cogpo_variants)
     elif target.is_dir():
         run_dir, variants = target, []
     else:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from crv_ray.storage import Location
 from crv_ray.redact import ENV_REF_RE, EnvRefs, find_env_refs, redact_config, redact_text, remember
 from crv_ray.train.config import TrainConfig
 
@@ -333,7 +334,7 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_dir: Path = Field(..., description="Where every output of the run goes.")
+    run_dir: Location = Field(..., description="Where every output of the run goes: a local folder or a URI (s3://bucket/run, gs://..., abfs://...; see crv_ray.storage for the credentials each reads).")
     seed: int = 0
     student: StudentConfig
     input: InputConfig = Field(default_factory=InputConfig)

@@ -10,16 +10,15 @@ import contextlib
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
+from crv_ray import storage
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
@@ -33,6 +32,7 @@ from crv_ray.refine.prompts import render_student_prompt
 from crv_ray.refine.roles import Reply, StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
+from crv_ray.storage import AnyPath
 
 log = logging.getLogger("crv_ray.refine")
 
@@ -129,7 +129,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
     try:
         check_bad_fraction(n_in, n_bad, first_reasons, cfg.input)
     except InputError:
-        shutil.rmtree(store.work / "input", ignore_errors=True)  # no state written: nothing counts as ingested
+        storage.rmtree(store.work / "input")  # no state written: nothing counts as ingested
         raise
     state = {
         "config_hash": cfg.refine_hash(),
@@ -285,10 +285,10 @@ def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, column
 
 
 # ------------------------------------------------------------------ the two execution modes
-def _read(files: list[Path], schema: pa.Schema):
+def _read(files: list[AnyPath], schema: pa.Schema):
     import ray
 
-    return ray.data.read_parquet([str(f) for f in files], schema=schema, shuffle=None)
+    return ray.data.read_parquet(**storage.ray_paths(files), schema=schema, shuffle=None)
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
@@ -314,8 +314,6 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
     (judge, critic, rethink/verify rounds, injection on the agent; then the student) one model is resident at a time
     and each loads once. `critic_guard(shard, rows)` sees the shards in order right after the last critic stage
     (it may raise)."""
-    import pyarrow.parquet as pq
-
     schema = state_schema(cfg.roles.verifier.max_rounds)
     columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
@@ -348,12 +346,12 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
         last_critic = spec.role == "critic" and (i + 1 == len(stages) or stages[i + 1].role != "critic")
         if critic_guard is not None and last_critic:
             for s in shards:
-                if critic_guard(s["shard"], pq.read_table(prev[s["shard"]]).to_pylist()):
+                if critic_guard(s["shard"], storage.read_table(prev[s["shard"]]).to_pylist()):
                     break
     # Commit from the last stage's files.
     for s in shards:
         by_problem: dict[str, list[dict]] = defaultdict(list)
-        for row in pq.read_table(prev[s["shard"]]).to_pylist():
+        for row in storage.read_table(prev[s["shard"]]).to_pylist():
             by_problem[row["problem_id"]].append(row)
         commit(s["shard"], by_problem)
     return walls
