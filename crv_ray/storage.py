@@ -16,6 +16,7 @@ objects first and its marker last (crv_ray.refine.store), never a temporary name
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -146,10 +147,10 @@ class RemotePath:
         info = self._info()
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(str(self))
-        mtime_ns = info.mtime_ns or 0
-        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime) + the _ns fields as floats' extras.
-        return os.stat_result((0, 0, 0, 1, 0, 0, info.size or 0, mtime_ns // 10**9, mtime_ns // 10**9,
-                               mtime_ns // 10**9, 0, 0, 0, 0, mtime_ns, mtime_ns))
+        ns = info.mtime_ns or 0
+        s = ns // 10**9
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime), then the float times and the _ns times.
+        return os.stat_result((0, 0, 0, 1, 0, 0, info.size or 0, s, s, s, ns / 1e9, ns / 1e9, ns / 1e9, ns, ns, ns))
 
     def read_bytes(self) -> bytes:
         def read() -> bytes:
@@ -300,12 +301,25 @@ def copy_file(src: str | os.PathLike | RemotePath, dst: str | os.PathLike | Remo
         d.write_bytes(s.read_bytes())
 
 
-def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike | RemotePath) -> None:
-    """Copy a local folder's files to `dest` (local or remote), replacing what was there."""
+def upload_file(local_file: str | os.PathLike, dest: str | os.PathLike | RemotePath) -> None:
+    """Copy one local file to `dest` (one PUT on object storage, streamed from disk)."""
     d = as_path(dest)
-    rmtree(d)
     if isinstance(d, Path):
-        shutil.copytree(local_dir, d)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_file, d)
+        return
+    _call(d, lambda: pafs.copy_files(str(Path(local_file).resolve()), d.key,
+                                     source_filesystem=pafs.LocalFileSystem(), destination_filesystem=d.fs))
+
+
+def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike | RemotePath, replace: bool = True) -> None:
+    """Copy a local folder's files to `dest` (local or remote), replacing what was there (`replace`) or adding to
+    it."""
+    d = as_path(dest)
+    if replace:
+        rmtree(d)
+    if isinstance(d, Path):
+        shutil.copytree(local_dir, d, dirs_exist_ok=True)
         return
     _call(d, lambda: pafs.copy_files(str(Path(local_dir).resolve()), d.key, source_filesystem=pafs.LocalFileSystem(),
                                      destination_filesystem=d.fs))
@@ -334,9 +348,16 @@ def local_copy(path: str | os.PathLike | RemotePath, cache: Path | None = None) 
     listing = sorted((i.path, i.size, i.mtime_ns) for i in infos)
     stamp = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     stamp_file = dest.parent / f".{dest.name}.crv_ray_copy"
-    if stamp_file.is_file() and stamp_file.read_text() == stamp and dest.exists():
-        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Several workers of one node may ask at once: one downloads, the others wait and reuse its copy.
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp_file.is_file() and stamp_file.read_text() == stamp and dest.exists()):
+            _download(p, info, dest, stamp_file, stamp)
+    return dest
+
+
+def _download(p: RemotePath, info: pafs.FileInfo, dest: Path, stamp_file: Path, stamp: str) -> None:
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if info.type == pafs.FileType.File:
@@ -352,7 +373,6 @@ def local_copy(path: str | os.PathLike | RemotePath, cache: Path | None = None) 
         dest.unlink()
     os.replace(tmp, dest)
     stamp_file.write_text(stamp)
-    return dest
 
 
 # -- Parquet
