@@ -16,6 +16,7 @@ from pathlib import Path
 from crv_ray import console
 from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
 from crv_ray.redact import install_log_filter, plain_http_warnings, redact_text
+from crv_ray.storage import StorageError
 
 
 def default_config_path() -> Path:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"crv-ray: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError) as e:
         print(f"crv-ray: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # RefineError, RefineStalled, training failures: a clean message, no traceback

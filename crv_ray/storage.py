@@ -56,16 +56,18 @@ def _hint(scheme: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
-    """One file system per bucket (pyarrow reads the endpoint and credentials from the environment)."""
+def _filesystem(scheme: str, bucket: str) -> tuple[pafs.FileSystem, str]:
+    """(file system, the bucket's path in it), one per bucket; pyarrow reads the endpoint and credentials from the
+    environment."""
     try:
-        return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+        fs, root = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+        return fs, root.rstrip("/")
     except ValueError as e:  # pyarrow.ArrowInvalid: a scheme pyarrow has no file system for
         if "Unrecognized filesystem" not in str(e):
             raise
-    import fsspec
+    import fsspec  # installed with `datasets`; its own package (e.g. adlfs, hdfs) must be installed for the scheme
 
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme))), bucket
 
 
 @dataclass(frozen=True, order=True)
@@ -129,10 +131,24 @@ class RemotePath:
     # -- file system
     @property
     def fs(self) -> pafs.FileSystem:
-        return _filesystem(self.scheme, self.bucket)
+        return _call(self, lambda: _filesystem(self.scheme, self.bucket))[0]
+
+    @property
+    def _root(self) -> str:
+        """The bucket's path inside its file system ("bucket" on S3 and GCS; "container" for
+        abfs://container@account.dfs.core.windows.net)."""
+        return _call(self, lambda: _filesystem(self.scheme, self.bucket))[1]
+
+    @property
+    def fs_path(self) -> str:
+        """This path inside `fs` (what pyarrow calls take)."""
+        return self._root + self.key[len(self.bucket):]
+
+    def _from_fs(self, fs_path: str) -> RemotePath:
+        return RemotePath(self.scheme, self.bucket + fs_path[len(self._root):])
 
     def _info(self) -> pafs.FileInfo:
-        return _call(self, lambda: self.fs.get_file_info(self.key))
+        return _call(self, lambda: self.fs.get_file_info(self.fs_path))
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -154,7 +170,7 @@ class RemotePath:
 
     def read_bytes(self) -> bytes:
         def read() -> bytes:
-            with self.fs.open_input_stream(self.key) as f:
+            with self.fs.open_input_stream(self.fs_path) as f:
                 return f.read()
 
         return _call(self, read)
@@ -164,7 +180,7 @@ class RemotePath:
 
     def write_bytes(self, data: bytes) -> int:
         def write() -> int:
-            with self.fs.open_output_stream(self.key) as f:  # one PUT: the object appears whole or not at all
+            with self.fs.open_output_stream(self.fs_path) as f:  # one PUT: the object appears whole or not at all
                 f.write(data)
             return len(data)
 
@@ -179,11 +195,11 @@ class RemotePath:
         if mode in ("r", "rt"):
             return io.TextIOWrapper(self.open("rb"), encoding=encoding)
         if mode == "rb":
-            return io.BufferedReader(_call(self, lambda: self.fs.open_input_file(self.key)))
+            return io.BufferedReader(_call(self, lambda: self.fs.open_input_file(self.fs_path)))
         if mode == "wb":
-            return _call(self, lambda: self.fs.open_output_stream(self.key))
+            return _call(self, lambda: self.fs.open_output_stream(self.fs_path))
         if mode in ("w", "wt"):
-            return io.TextIOWrapper(_call(self, lambda: self.fs.open_output_stream(self.key)), encoding=encoding)
+            return io.TextIOWrapper(_call(self, lambda: self.fs.open_output_stream(self.fs_path)), encoding=encoding)
         raise ValueError(f"{self}: mode {mode!r} is not supported on object storage (no appends)")
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
@@ -192,18 +208,18 @@ class RemotePath:
     def unlink(self, missing_ok: bool = False) -> None:
         if missing_ok and not self.exists():
             return
-        _call(self, lambda: self.fs.delete_file(self.key))
+        _call(self, lambda: self.fs.delete_file(self.fs_path))
 
     def replace(self, target: RemotePath) -> RemotePath:
-        _call(self, lambda: self.fs.move(self.key, target.key))  # copy + delete on S3: not atomic
+        _call(self, lambda: self.fs.move(self.fs_path, target.fs_path))  # copy + delete on S3: not atomic
         return target
 
     def _children(self, recursive: bool) -> list[pafs.FileInfo]:
-        sel = pafs.FileSelector(self.key, allow_not_found=True, recursive=recursive)
+        sel = pafs.FileSelector(self.fs_path, allow_not_found=True, recursive=recursive)
         return _call(self, lambda: self.fs.get_file_info(sel))
 
     def iterdir(self):
-        return iter(sorted(RemotePath(self.scheme, i.path) for i in self._children(False)))
+        return iter(sorted(self._from_fs(i.path) for i in self._children(False)))
 
     def glob(self, pattern: str):
         """`*`-patterns of one level, or `**/pattern` / `*/*/name` across levels (what the project uses)."""
@@ -213,13 +229,13 @@ class RemotePath:
             return self.rglob(pattern[3:])
         out = []
         for i in self._children(recursive):
-            rel = PurePosixPath(i.path).relative_to(self.key)
+            rel = PurePosixPath(i.path).relative_to(self.fs_path)
             if len(rel.parts) == depth and fnmatch.fnmatchcase(str(rel), pattern):
-                out.append(RemotePath(self.scheme, i.path))
+                out.append(self._from_fs(i.path))
         return iter(sorted(out))
 
     def rglob(self, pattern: str):
-        return iter(sorted(RemotePath(self.scheme, i.path) for i in self._children(True)
+        return iter(sorted(self._from_fs(i.path) for i in self._children(True)
                            if fnmatch.fnmatchcase(PurePosixPath(i.path).name, pattern)))
 
 
@@ -247,7 +263,7 @@ def resolve(path: str | os.PathLike | RemotePath) -> tuple[pafs.FileSystem, str]
     (`storage_filesystem=`) take."""
     p = absolute(path)
     if isinstance(p, RemotePath):
-        return p.fs, p.key
+        return p.fs, p.fs_path
     return pafs.LocalFileSystem(), str(p)
 
 
@@ -277,7 +293,7 @@ def check_access(path: str | os.PathLike | RemotePath) -> None:
     p = as_path(path)
     if not isinstance(p, RemotePath):
         return
-    info = _call(p, lambda: p.fs.get_file_info(p.bucket))
+    info = _call(p, lambda: p.fs.get_file_info(p._root))
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"{p}: the bucket {p.bucket!r} does not exist or is not visible with these credentials; "
                            f"create it, or {_hint(p.scheme)}")
@@ -290,7 +306,7 @@ def rmtree(path: str | os.PathLike | RemotePath) -> None:
     if isinstance(p, Path):
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists():
-        _call(p, lambda: p.fs.delete_dir(p.key))
+        _call(p, lambda: p.fs.delete_dir(p.fs_path))
 
 
 def copy_file(src: str | os.PathLike | RemotePath, dst: str | os.PathLike | RemotePath) -> None:
@@ -308,7 +324,7 @@ def upload_file(local_file: str | os.PathLike, dest: str | os.PathLike | RemoteP
         d.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local_file, d)
         return
-    _call(d, lambda: pafs.copy_files(str(Path(local_file).resolve()), d.key,
+    _call(d, lambda: pafs.copy_files(str(Path(local_file).resolve()), d.fs_path,
                                      source_filesystem=pafs.LocalFileSystem(), destination_filesystem=d.fs))
 
 
@@ -321,7 +337,7 @@ def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike | RemotePat
     if isinstance(d, Path):
         shutil.copytree(local_dir, d, dirs_exist_ok=True)
         return
-    _call(d, lambda: pafs.copy_files(str(Path(local_dir).resolve()), d.key, source_filesystem=pafs.LocalFileSystem(),
+    _call(d, lambda: pafs.copy_files(str(Path(local_dir).resolve()), d.fs_path, source_filesystem=pafs.LocalFileSystem(),
                                      destination_filesystem=d.fs))
 
 
@@ -361,11 +377,11 @@ def _download(p: RemotePath, info: pafs.FileInfo, dest: Path, stamp_file: Path, 
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if info.type == pafs.FileType.File:
-        _call(p, lambda: pafs.copy_files(p.key, str(tmp), source_filesystem=p.fs,
+        _call(p, lambda: pafs.copy_files(p.fs_path, str(tmp), source_filesystem=p.fs,
                                           destination_filesystem=pafs.LocalFileSystem()))
     else:
         tmp.mkdir()
-        _call(p, lambda: pafs.copy_files(p.key, str(tmp), source_filesystem=p.fs,
+        _call(p, lambda: pafs.copy_files(p.fs_path, str(tmp), source_filesystem=p.fs,
                                           destination_filesystem=pafs.LocalFileSystem()))
     if dest.is_dir():
         shutil.rmtree(dest)
@@ -394,7 +410,7 @@ def parquet_file(path: str | os.PathLike | RemotePath):
     import pyarrow.parquet as pq
 
     p = as_path(path)
-    return pq.ParquetFile(p if isinstance(p, Path) else _call(p, lambda: p.fs.open_input_file(p.key)))
+    return pq.ParquetFile(p if isinstance(p, Path) else _call(p, lambda: p.fs.open_input_file(p.fs_path)))
 
 
 def write_table(table, path: str | os.PathLike | RemotePath) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from crv_ray import storage
+from crv_ray.cli import main
 from crv_ray.refine.runner import run_refine
 from crv_ray.refine.store import RefineStore
 from crv_ray.run_status import run_status
@@ -30,7 +31,7 @@ def s3_cfg(s3_server, tmp_path):
     return make
 
 
-def test_refine_on_s3_resumes_from_committed_shards(ray_local, s3_cfg):
+def test_refine_on_s3_resumes_from_committed_shards(ray_local, s3_cfg, capsys):
     first = run_refine(s3_cfg(refine={"max_shards_per_run": 2}))
     assert isinstance(first.run_dir, RemotePath)
     assert first.shards_run == 2 and not first.manifest["reconciliation"]["complete"]
@@ -53,6 +54,9 @@ def test_refine_on_s3_resumes_from_committed_shards(ray_local, s3_cfg):
     errors = [r for f in store.committed_files("errors") for r in storage.read_table(f).to_pylist()]
     assert any("malformed JSON" in e["reason"] and "s3://" in e["reason"] for e in errors)
     assert run_status(first.run_dir)["refine"]["state"] == "done"
+    assert main(["status", str(first.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(first.run_dir) in out and "4 of 4 shards committed" in out
     assert run_refine(s3_cfg()).shards_run == 0
 
     from crv_ray.report import write_report

@@ -22,6 +22,13 @@ def test_local_paths_stay_pathlib(tmp_path):
     assert str((p / "a").parent) == "s3://bucket/run" and (p / "a" / "b").relative_to(p).as_posix() == "a/b"
     fs, key = storage.resolve(tmp_path / "f")
     assert key == str(tmp_path / "f") and type(fs).__name__ == "LocalFileSystem"
+    # pyarrow's own file systems for the other stores, and their paths inside them (no request is made here).
+    fs, key = storage.resolve("gs://bucket/run/x")
+    assert type(fs).__name__ == "GcsFileSystem" and key == "bucket/run/x"
+    azure = as_path("abfs://container@account.dfs.core.windows.net/run")
+    fs, key = storage.resolve(azure / "x")
+    assert type(fs).__name__ == "AzureFileSystem" and key == "container/run/x"
+    assert azure._from_fs("container/run/y") == azure / "y"
 
 
 def test_config_keeps_a_run_dir_uri(tmp_path):
@@ -32,6 +39,19 @@ def test_config_keeps_a_run_dir_uri(tmp_path):
     assert cfg.model_dump(mode="json")["run_dir"] == "s3://bucket/runs/a"
     local = load_config_dict({**raw, "run_dir": str(tmp_path / "run")})
     assert local.run_dir == tmp_path / "run" and local.model_dump(mode="json")["run_dir"] == str(tmp_path / "run")
+
+
+def test_cli_validate_and_status_take_uris(s3_server, tmp_path, capsys):
+    from crv_ray.cli import main
+
+    uri = s3_server.uri("cli/run")
+    assert main(["validate", "--set", f"run_dir={uri}"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == uri
+    assert main(["status", "s3://no-such-bucket/run"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    as_path(uri + "/refine/_work/state.json").write_text('{"shards": [{"shard": 0}], "ingested": true}')
+    assert main(["status", uri]) == 0
+    assert "0 of 1 shards committed" in capsys.readouterr().out
 
 
 def test_files_folders_and_parquet_on_s3(s3_server):
