@@ -35,7 +35,8 @@ S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
 _ENV_HINT = {
     "s3": "set " + ", ".join(S3_ENV_VARS) + " (AWS_ENDPOINT_URL for an S3-compatible server such as MinIO)",
     "gs": "set GOOGLE_APPLICATION_CREDENTIALS (or log in with gcloud)",
-    "abfs": "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or use a managed identity)",
+    "abfs": "set AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET (Azure's default credentials; or use a "
+            "managed identity or `az login`)",
 }
 
 
@@ -277,7 +278,7 @@ def _call(path: RemotePath, fn):
         if isinstance(e, StorageError):
             raise
         msg = str(e)
-        if "NO_SUCH_BUCKET" in msg or "does not exist" in msg.lower() and "bucket" in msg.lower():
+        if "NO_SUCH_BUCKET" in msg or ("does not exist" in msg.lower() and "bucket" in msg.lower()):
             why = f"the bucket {path.bucket!r} does not exist (create it first)"
         elif "NETWORK_CONNECTION" in msg or "Could not connect" in msg or "curlCode" in msg:
             why = "the storage endpoint cannot be reached"

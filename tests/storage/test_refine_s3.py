@@ -13,7 +13,7 @@ from crv_ray.refine.store import RefineStore
 from crv_ray.run_status import run_status
 from crv_ray.storage import RemotePath
 
-from tests.test_refine_scripted import CASES, make_cfg, write_cases
+from test_refine_scripted import CASES, make_cfg, write_cases  # tests/ is on sys.path (its conftest)
 
 
 @pytest.fixture
