@@ -1,5 +1,5 @@
 """The run directory's layout, in one place: every stage, `crv-ray report` and `crv-ray status` take their paths
-from here.
+from here. The run directory is a local folder or a URI such as s3://bucket/run (crv_ray.storage).
 
     <run_dir>/
       refine/                       crv_ray.refine.store (atomic shard commits)
