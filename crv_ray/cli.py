@@ -24,7 +24,7 @@ def default_config_path() -> Path:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    path = Path(args.config) if args.config else default_config_path()
+    path = args.config or default_config_path()  # a local path or a URI (crv_ray.storage)
     overrides = list(args.set or [])
     if getattr(args, "restart", False):
         overrides.append("refine.on_config_change=restart")

@@ -47,6 +47,12 @@ def test_cli_validate_and_status_take_uris(s3_server, tmp_path, capsys):
     uri = s3_server.uri("cli/run")
     assert main(["validate", "--set", f"run_dir={uri}"]) == 0
     assert json.loads(capsys.readouterr().out)["run_dir"] == uri
+    # The config itself may be read from the bucket too.
+    engine = "{kind: scripted, function: 'crv_ray.testing:tagged_replies'}"
+    as_path(f"{uri}/run.yaml").write_text(f"run_dir: {uri}\nstudent: {{name: t, size: 1M, model: builtin:tiny}}\n"
+                                          f"engines: {{agent: {engine}, student: {engine}}}\n")
+    assert main(["validate", f"{uri}/run.yaml"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == uri
     assert main(["status", "s3://no-such-bucket/run"]) == 2
     assert "no such run directory" in capsys.readouterr().err
     as_path(uri + "/refine/_work/state.json").write_text('{"shards": [{"shard": 0}], "ingested": true}')
