@@ -1,6 +1,7 @@
 """SFT on Ray Train (2 gloo workers, tiny model) with the base model, the data and the stage folder on S3 (a real
 S3 API server): checkpoints go to the bucket through Ray Train's storage_filesystem, a stopped run resumes from its
-S3 checkpoint, and metrics, the data report and the exported model land in the bucket."""
+S3 checkpoint, and metrics, the data report and the exported model land in the bucket; then the reference log-probs
+of that exported model, read from the bucket, are written there."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def test_sft_checkpoints_resume_and_export_on_s3(s3_server, ray_local, tiny_mode
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors")) and any((out_dir / "tb").iterdir())
     assert train_status(out_dir)["state"] == "done"
 
+    # Reference log-probs of the exported model (read from S3 by the Ray Data actors) over pairs on S3, written to S3.
+    import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(storage.local_copy(out))  # the export loads
+    from crv_ray.train.api import run_ref_logps
+    from crv_ray.train.data import chat_tokenize, list_parquet_files, load_tokenizer
+
+    storage.write_table(pa.table({"prompt": prompts[:6], "chosen": responses[:6],
+                                  "rejected": [r.replace("answer is", "answer is not") for r in responses[:6]]}),
+                        root / "pairs.parquet")
+    ref = run_ref_logps(TrainConfig.model_validate({"cogpo": SFT}), out, root / "pairs.parquet", root / "ref")
+    assert str(ref) == f"{root}/ref" and json.loads((ref / "_crv_ray_complete.json").read_text())["rows"] == 6
+    row = pa.concat_tables([storage.read_table(f) for f in list_parquet_files(ref)]).to_pylist()[2]
+    local = storage.local_copy(out)
+    lm, tok = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval(), load_tokenizer(local)
+    ids, plen = chat_tokenize(tok, row["prompt"], row["chosen"])
+    with torch.no_grad():
+        logps = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    expected = float(logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][plen - 1:].sum())
+    assert row["ref_chosen_logp"] == pytest.approx(expected, rel=1e-4)
