@@ -16,7 +16,7 @@ from pathlib import Path
 from crv_ray import console
 from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
 from crv_ray.redact import install_log_filter, plain_http_warnings, redact_text
-from crv_ray.storage import StorageError
+from crv_ray.storage import StorageError, settings_note
 
 
 def default_config_path() -> Path:
@@ -43,6 +43,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in plain_http_warnings(cfg.engines):
         print(f"# warning: {warning}", file=sys.stderr)
     print(f"# refine config hash: {cfg.refine_hash()}", file=sys.stderr)
+    note = settings_note(cfg.run_dir)
+    if note:
+        print(f"# run_dir: {note}", file=sys.stderr)
     return 0
 
 

@@ -289,6 +289,20 @@ def _call(path: RemotePath, fn):
         raise StorageError(f"{path}: {why}; {_hint(path.scheme)}. ({type(e).__name__}: {msg})") from e
 
 
+def settings_note(path: str | os.PathLike | RemotePath) -> str | None:
+    """For a URI: where its store's endpoint and credentials come from, and which of those variables are set (names
+    only, never values); None for a local path. No request is made."""
+    p = as_path(path)
+    if not isinstance(p, RemotePath):
+        return None
+    if p.scheme != "s3":
+        return f"{p}: {_hint(p.scheme)}"
+    unset = [k for k in S3_ENV_VARS if not os.environ.get(k)]
+    return (f"{p}: pyarrow, Ray Data and Ray Train read {', '.join(S3_ENV_VARS)}; "
+            + (f"unset here: {', '.join(unset)} (AWS profiles or an instance role may stand in)" if unset
+               else "all set here") + "; every Ray node needs them")
+
+
 def check_access(path: str | os.PathLike | RemotePath) -> None:
     """Fail early, naming the URI and the environment to set, when a run directory's bucket cannot be used."""
     p = as_path(path)

@@ -46,7 +46,10 @@ def test_cli_validate_and_status_take_uris(s3_server, tmp_path, capsys):
 
     uri = s3_server.uri("cli/run")
     assert main(["validate", "--set", f"run_dir={uri}"]) == 0
-    assert json.loads(capsys.readouterr().out)["run_dir"] == uri
+    out = capsys.readouterr()
+    assert json.loads(out.out)["run_dir"] == uri
+    assert f"# run_dir: {uri}: pyarrow, Ray Data and Ray Train read AWS_ENDPOINT_URL" in out.err
+    assert "all set here" in out.err and s3_server.env["AWS_SECRET_ACCESS_KEY"] not in out.err + out.out
     # The config itself may be read from the bucket too.
     engine = "{kind: scripted, function: 'crv_ray.testing:tagged_replies'}"
     as_path(f"{uri}/run.yaml").write_text(f"run_dir: {uri}\nstudent: {{name: t, size: 1M, model: builtin:tiny}}\n"
