@@ -334,7 +334,9 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_dir: Location = Field(..., description="Where every output of the run goes: a local folder or a URI (s3://bucket/run, gs://..., abfs://...; see crv_ray.storage for the credentials each reads).")
+    run_dir: Location = Field(..., description="Where every output of the run goes: a local folder or a URI "
+                              "(s3://bucket/run, gs://..., abfs://...; crv_ray.storage says which credentials each "
+                              "store reads).")
     seed: int = 0
     student: StudentConfig
     input: InputConfig = Field(default_factory=InputConfig)

@@ -352,8 +352,8 @@ def upload_dir(local_dir: str | os.PathLike, dest: str | os.PathLike | RemotePat
     if isinstance(d, Path):
         shutil.copytree(local_dir, d, dirs_exist_ok=True)
         return
-    _call(d, lambda: pafs.copy_files(str(Path(local_dir).resolve()), d.fs_path, source_filesystem=pafs.LocalFileSystem(),
-                                     destination_filesystem=d.fs))
+    _call(d, lambda: pafs.copy_files(str(Path(local_dir).resolve()), d.fs_path,
+                                     source_filesystem=pafs.LocalFileSystem(), destination_filesystem=d.fs))
 
 
 def cache_root() -> Path:
@@ -391,13 +391,10 @@ def local_copy(path: str | os.PathLike | RemotePath, cache: Path | None = None) 
 def _download(p: RemotePath, info: pafs.FileInfo, dest: Path, stamp_file: Path, stamp: str) -> None:
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if info.type == pafs.FileType.File:
-        _call(p, lambda: pafs.copy_files(p.fs_path, str(tmp), source_filesystem=p.fs,
-                                          destination_filesystem=pafs.LocalFileSystem()))
-    else:
-        tmp.mkdir()
-        _call(p, lambda: pafs.copy_files(p.fs_path, str(tmp), source_filesystem=p.fs,
-                                          destination_filesystem=pafs.LocalFileSystem()))
+    if info.type != pafs.FileType.File:
+        tmp.mkdir()  # a folder's objects are copied into it
+    _call(p, lambda: pafs.copy_files(p.fs_path, str(tmp), source_filesystem=p.fs,
+                                      destination_filesystem=pafs.LocalFileSystem()))
     if dest.is_dir():
         shutil.rmtree(dest)
     elif dest.exists():

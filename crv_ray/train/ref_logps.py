@@ -42,7 +42,8 @@ class RefLogpsPredictor:
         self.cfg = CogPOConfig.model_validate(cogpo_cfg)
         self.tokenizer = load_tokenizer(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        lm = load_hf_model(str(storage.local_copy(model_dir))).to(self.device, torch.bfloat16 if use_gpu else torch.float32).eval()
+        local = str(storage.local_copy(model_dir))  # a model on object storage: copied to this node's cache
+        lm = load_hf_model(local).to(self.device, torch.bfloat16 if use_gpu else torch.float32).eval()
         self.model = TokenLogps(lm, self.cfg.logprob_chunk_size)
         self.pad_id = pad_token_id(self.tokenizer)
 

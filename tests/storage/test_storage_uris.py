@@ -33,7 +33,8 @@ def test_local_paths_stay_pathlib(tmp_path):
 
 def test_config_keeps_a_run_dir_uri(tmp_path):
     raw = {"run_dir": "s3://bucket/runs/a", "student": {"name": "T", "size": "1M", "model": "builtin:tiny"},
-           "engines": {e: {"kind": "scripted", "function": "crv_ray.testing:tagged_replies"} for e in ("agent", "student")}}
+           "engines": {e: {"kind": "scripted", "function": "crv_ray.testing:tagged_replies"}
+                       for e in ("agent", "student")}}
     cfg = load_config_dict(raw)
     assert isinstance(cfg.run_dir, RemotePath) and str(cfg.run_dir) == "s3://bucket/runs/a"
     assert cfg.model_dump(mode="json")["run_dir"] == "s3://bucket/runs/a"
