@@ -16,6 +16,7 @@ from pathlib import Path
 from crv_ray import console
 from crv_ray.config import ConfigError, RunConfig, load_config, redacted_dump
 from crv_ray.redact import install_log_filter, plain_http_warnings, redact_text
+from crv_ray.storage import StorageError, settings_note
 
 
 def default_config_path() -> Path:
@@ -23,7 +24,7 @@ def default_config_path() -> Path:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    path = Path(args.config) if args.config else default_config_path()
+    path = args.config or default_config_path()  # a local path or a URI (crv_ray.storage)
     overrides = list(args.set or [])
     if getattr(args, "restart", False):
         overrides.append("refine.on_config_change=restart")
@@ -42,6 +43,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in plain_http_warnings(cfg.engines):
         print(f"# warning: {warning}", file=sys.stderr)
     print(f"# refine config hash: {cfg.refine_hash()}", file=sys.stderr)
+    note = settings_note(cfg.run_dir)
+    if note:
+        print(f"# run_dir: {note}", file=sys.stderr)
     return 0
 
 
@@ -100,10 +104,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from crv_ray.run_status import format_status, run_status
 
-    target = Path(args.target)
-    if target.is_file():  # a config: its run_dir, and its variants even before they start
+    from crv_ray.storage import as_path
+
+    target = as_path(args.target)  # a local path or a URI (s3://bucket/run)
+    if isinstance(target, Path) and target.is_file():  # a config: its run_dir, and its variants before they start
         cfg = load_config(target, list(args.set or []))
-        run_dir, variants = Path(cfg.run_dir), list(cfg.train.cogpo_variants)
+        run_dir, variants = cfg.run_dir, list(cfg.train.cogpo_variants)
     elif target.is_dir():
         run_dir, variants = target, []
     else:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"crv-ray: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError) as e:
         print(f"crv-ray: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # RefineError, RefineStalled, training failures: a clean message, no traceback

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from crv_ray.storage import Location, as_path
 from crv_ray.redact import ENV_REF_RE, EnvRefs, find_env_refs, redact_config, redact_text, remember
 from crv_ray.train.config import TrainConfig
 
@@ -333,7 +334,9 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_dir: Path = Field(..., description="Where every output of the run goes.")
+    run_dir: Location = Field(..., description="Where every output of the run goes: a local folder or a URI "
+                              "(s3://bucket/run, gs://..., abfs://...; crv_ray.storage says which credentials each "
+                              "store reads).")
     seed: int = 0
     student: StudentConfig
     input: InputConfig = Field(default_factory=InputConfig)
@@ -528,8 +531,8 @@ def load_config_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
 
 
 def read_config_file(path: str | Path) -> dict:
-    """The config file's YAML as plain data (no env expansion, no validation)."""
-    p = Path(path)
+    """The config file's YAML as plain data (no env expansion, no validation); a local path or a URI."""
+    p = as_path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:

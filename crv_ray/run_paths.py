@@ -1,5 +1,5 @@
 """The run directory's layout, in one place: every stage, `crv-ray report` and `crv-ray status` take their paths
-from here.
+from here. The run directory is a local folder or a URI such as s3://bucket/run (crv_ray.storage).
 
     <run_dir>/
       refine/                       crv_ray.refine.store (atomic shard commits)
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from crv_ray.storage import AnyPath, as_path
+
 REFINE_DATASETS = ("trace", "sft", "pairs", "errors")
 TRAIN_STAGES = ("sft", "cogpo")  # the training stages with their own folder; variants live under variants/
 
@@ -45,100 +47,101 @@ def shard_name(shard: int) -> str:
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Paths of one run directory; nothing is created or read here."""
+    """Paths of one run directory; nothing is created or read here. A local run_dir gives `Path`s, a URI
+    (`s3://bucket/run`) `crv_ray.storage.RemotePath`s with the same methods."""
 
-    root: Path
+    root: AnyPath
 
-    def __init__(self, run_dir: str | Path):
-        object.__setattr__(self, "root", Path(run_dir))
+    def __init__(self, run_dir: str | Path | AnyPath):
+        object.__setattr__(self, "root", as_path(run_dir))
 
     # -- refine
     @property
-    def refine(self) -> Path:
+    def refine(self) -> AnyPath:
         return self.root / "refine"
 
-    def refine_dataset(self, name: str) -> Path:
+    def refine_dataset(self, name: str) -> AnyPath:
         return self.refine / name
 
-    def refine_shard_file(self, name: str, shard: int) -> Path:
+    def refine_shard_file(self, name: str, shard: int) -> AnyPath:
         return self.refine_dataset(name) / f"{shard_name(shard)}.parquet"
 
     @property
-    def refine_manifest(self) -> Path:
+    def refine_manifest(self) -> AnyPath:
         return self.refine / "manifest.json"
 
     @property
-    def refine_work(self) -> Path:
+    def refine_work(self) -> AnyPath:
         return self.refine / "_work"
 
     @property
-    def refine_state(self) -> Path:
+    def refine_state(self) -> AnyPath:
         return self.refine_work / "state.json"
 
-    def refine_input_file(self, shard: int) -> Path:
+    def refine_input_file(self, shard: int) -> AnyPath:
         return self.refine_work / "input" / f"{shard_name(shard)}.parquet"
 
-    def refine_stage_file(self, stage: str, shard: int) -> Path:
+    def refine_stage_file(self, stage: str, shard: int) -> AnyPath:
         return self.refine_work / "stages" / stage / f"{shard_name(shard)}.parquet"
 
     @property
-    def refine_spill(self) -> Path:
+    def refine_spill(self) -> AnyPath:
         return self.refine_work / "spill"
 
-    def refine_done_marker(self, shard: int) -> Path:
+    def refine_done_marker(self, shard: int) -> AnyPath:
         return self.refine_work / "done" / f"{shard_name(shard)}.json"
 
     # -- training
     @property
-    def sft(self) -> Path:
+    def sft(self) -> AnyPath:
         return self.root / "sft"
 
     @property
-    def cogpo(self) -> Path:
+    def cogpo(self) -> AnyPath:
         return self.root / "cogpo"
 
     @property
-    def variants(self) -> Path:
+    def variants(self) -> AnyPath:
         return self.root / "variants"
 
     @property
-    def ref_logps(self) -> Path:
+    def ref_logps(self) -> AnyPath:
         """Pairs with the SFT model's reference log-probs, shared by cogpo and the variants of the same lengths."""
         return self.root / "ref_logps" / "pairs.parquet"
 
-    def stage_dir(self, name: str) -> Path:
+    def stage_dir(self, name: str) -> AnyPath:
         """sft, cogpo or a cogpo variant's name."""
         return self.root / name if name in TRAIN_STAGES else self.variants / name
 
-    def variant_ref_logps(self, name: str) -> Path:
+    def variant_ref_logps(self, name: str) -> AnyPath:
         return self.stage_dir(name) / "ref_logps" / "pairs.parquet"
 
-    def model(self, name: str) -> Path:
+    def model(self, name: str) -> AnyPath:
         """Where a trained model of the run is exported: sft, cogpo or a cogpo variant's name."""
         return stage_model(self.stage_dir(name))
 
     # -- eval and report
     @property
-    def eval(self) -> Path:
+    def eval(self) -> AnyPath:
         return self.root / "eval"
 
     @property
-    def report(self) -> Path:
+    def report(self) -> AnyPath:
         return self.root / "report.html"
 
 
 # A training stage's folder (`out_dir` of crv_ray.train.api): also used for folders outside a run directory.
-def stage_model(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / MODEL
+def stage_model(stage_dir: str | AnyPath) -> AnyPath:
+    return as_path(stage_dir) / MODEL
 
 
-def stage_metrics(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / METRICS
+def stage_metrics(stage_dir: str | AnyPath) -> AnyPath:
+    return as_path(stage_dir) / METRICS
 
 
-def stage_checkpoints(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / CHECKPOINTS
+def stage_checkpoints(stage_dir: str | AnyPath) -> AnyPath:
+    return as_path(stage_dir) / CHECKPOINTS
 
 
-def stage_data_report(stage_dir: str | Path) -> Path:
-    return Path(stage_dir) / DATA_REPORT
+def stage_data_report(stage_dir: str | AnyPath) -> AnyPath:
+    return as_path(stage_dir) / DATA_REPORT

@@ -62,9 +62,10 @@ def ref_logps_status(path: Path) -> dict:
     marker = path / REF_LOGPS_MARKER
     if marker.is_file():
         return _entry(DONE, f"{json.loads(marker.read_text()).get('rows', '?')} pairs with reference log-probs")
-    # compute_ref_logps writes into <path>.tmp and renames it in place once complete.
+    # compute_ref_logps writes into <path>.tmp and renames it in place once complete; on object storage it writes
+    # in place, its marker last.
     tmp = path.with_name(path.name + ".tmp")
-    return _entry(PARTIAL, "being written") if tmp.exists() else _entry(MISSING, "not started")
+    return _entry(PARTIAL, "being written") if tmp.exists() or path.exists() else _entry(MISSING, "not started")
 
 
 def eval_status(eval_dir: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from crv_ray.config import RunConfig
 from crv_ray.run_paths import RunPaths, stage_checkpoints, stage_metrics, stage_model
+from crv_ray.storage import as_path, check_access
 
 
 def stage_paths(cfg: RunConfig | str | Path) -> dict[str, Path]:
@@ -34,7 +35,7 @@ def model_dir(cfg: RunConfig, name: str) -> Path:
 def _student_dir(cfg: RunConfig) -> Path:
     from crv_ray.engines import resolved_model_path
 
-    p = Path(resolved_model_path(cfg.student.model))
+    p = as_path(resolved_model_path(cfg.student.model))
     if not p.exists():
         raise ValueError(f"student.model {cfg.student.model!r}: no such model directory")
     return p
@@ -64,6 +65,7 @@ def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> 
     from crv_ray.train import api
 
     paths = stage_paths(cfg)
+    check_access(cfg.run_dir)  # a bucket that cannot be used fails here, named, before Ray starts
     check_refine_complete(cfg, allow_partial)
     init_ray(cfg)
     _check_train_resources(cfg)

@@ -23,6 +23,7 @@ from typing import Any
 
 from crv_ray.config import RunConfig, load_config_dict, read_config_file
 from crv_ray.redact import ENV_REF_RE, SECRET_FIELD_RE
+from crv_ray.storage import is_uri
 
 # Not uploaded from a --working-dir: repository metadata and virtual environments are large and never needed.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "__pycache__"]
@@ -131,11 +132,12 @@ def build_job(config: Path, overrides: list[str], working_dir: Path | None = Non
         notes.append(f"the config reads the environment variables {', '.join(env_names)}: they are not sent with "
                      "the job (its runtime env is visible in `ray job list`); set them on the cluster's nodes, "
                      "e.g. from a Secret in the RayJob or RayCluster spec")
-    if not Path(cfg.run_dir).is_absolute():
+    if isinstance(cfg.run_dir, Path) and not cfg.run_dir.is_absolute():
         notes.append(f"run_dir {cfg.run_dir} is relative: the job writes it inside its working dir on the cluster, "
                      "which Ray removes later; set run_dir to an absolute path on storage the cluster keeps")
     # The job resolves relative paths from its working dir (its current directory).
-    if cfg.input.source == "file" and cfg.input.path and not Path(cfg.input.path).is_absolute() \
+    if cfg.input.source == "file" and cfg.input.path and not is_uri(cfg.input.path) \
+            and not Path(cfg.input.path).is_absolute() \
             and not (working_dir / cfg.input.path).exists():
         notes.append(f"input.path {cfg.input.path} is relative and not in the uploaded working dir {working_dir}: "
                      "use --working-dir with a folder holding it, or an absolute path the cluster sees")

@@ -117,3 +117,61 @@ def counted_replies(stage: str, row: dict, messages: list[dict]) -> str:
 
     ray.get(ray.get_actor(CALL_LOG).add.remote(stage, row["problem_id"]))
     return tagged_replies(stage, row, messages)
+
+
+class S3Server:
+    """A real S3 API server (moto's server mode, the `test` extra) on a free localhost port, with one bucket.
+
+    `.endpoint` (http://127.0.0.1:PORT), `.bucket`, `.env` (the AWS_* variables pyarrow, Ray Data and Ray Train
+    read), `.uri(path)` -> "s3://<bucket>/<path>". Start with `start()`, stop with `stop()` (ends only its process).
+    """
+
+    def __init__(self, bucket: str = "crv-ray-test") -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.bucket = bucket
+        # moto accepts any keys. The secret is redacted wherever crv-ray prints (crv_ray.redact): a value no other
+        # text contains.
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "crv-ray-test-key",
+                    "AWS_SECRET_ACCESS_KEY": "crv-ray-moto-secret-5e1f", "AWS_DEFAULT_REGION": "us-east-1"}
+        self._proc = None
+
+    def uri(self, path: str = "") -> str:
+        return f"s3://{self.bucket}/{path}".rstrip("/")
+
+    def start(self, timeout_s: float = 30.0) -> "S3Server":
+        import subprocess
+        import sys
+        import urllib.request
+
+        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on {self.endpoint} (is moto[server] installed? "
+                                       "pip install -e '.[test]')")
+                time.sleep(0.2)
+        # Create the bucket through the S3 API (moto resets nothing between calls: one bucket for the session).
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/{self.bucket}", method="PUT"),
+                               timeout=5).close()
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except Exception:
+                self._proc.kill()
+        self._proc = None

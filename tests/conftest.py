@@ -31,8 +31,23 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A private local Ray cluster for the session.
+def s3_server():
+    """A real S3 API server (moto, `crv_ray.testing.S3Server`) with one bucket for the session: `.endpoint`,
+    `.bucket`, `.env`, `.uri(path)`. Its AWS_* variables are set in os.environ for the session, before any Ray
+    cluster of the session starts (`ray_local` depends on this fixture), so Ray workers inherit them."""
+    from crv_ray.testing import S3Server
+
+    server = S3Server().start()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A private local Ray cluster for the session (its workers see the `s3_server` environment).
 
     address="local" never joins a cluster someone else started on this machine. num_cpus=6 oversubscribes the
     2 real cores on purpose: ray.data.llm pipelines need about 3 logical CPUs and hang silently with fewer.

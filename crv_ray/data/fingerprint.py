@@ -1,7 +1,7 @@
 """The input's fingerprint, stored at ingest: an input file edited after its rows were ingested must not be mixed
 with the shards made from its old rows.
 
-Local files: name, size, mtime and sha256. On a rerun a file whose name, size and mtime are unchanged keeps its
+Files (local or on object storage, crv_ray.storage): name, size, mtime and sha256. On a rerun a file whose name, size and mtime are unchanged keeps its
 stored sha256 without being read again, so checking costs a `stat` per file; only a file that looks changed is
 hashed (and one whose mtime moved but whose bytes did not counts as unchanged). Synthetic problems: the generator's
 settings. A hub dataset: its name and split (its content cannot be checked without downloading it).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from crv_ray import storage
 from crv_ray.config import InputConfig
 from crv_ray.data.input import input_files
 
@@ -20,7 +21,7 @@ _CHUNK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -39,7 +40,7 @@ def input_fingerprint(cfg: InputConfig, previous: dict | None = None) -> dict:
     if files is None:
         return {"source": cfg.source, "name": cfg.path, "split": cfg.split}
     known = {f["name"]: f for f in (previous or {}).get("files", [])}
-    root = Path(cfg.path)  # type: ignore[arg-type]
+    root = storage.as_path(cfg.path)  # type: ignore[arg-type]
     out = []
     for f in files:
         st = f.stat()

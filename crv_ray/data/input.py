@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crv_ray.answers import normalize_gold
+from crv_ray import storage
 from crv_ray.config import ColumnMap, InputConfig
 
 DEFAULT_ID_COLUMN = ColumnMap.model_fields["id"].default
@@ -60,7 +61,7 @@ def _is_json_array(f: Path) -> bool:
     """A .json file whose first non-blank byte is '[' holds one JSON array of rows, not JSON lines."""
     if f.suffix.lower() != ".json":
         return False
-    with open(f, "rb") as fh:
+    with f.open("rb") as fh:
         chunk = fh.read(4096).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
         while chunk:
             head = chunk.lstrip()
@@ -97,7 +98,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
         if _is_json_array(f):
             yield from _iter_json_array(f)
             continue
-        with open(f, "rb") as fh:
+        with f.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 loc = f"{f.name}:{lineno}"
                 if not raw.strip():
@@ -122,10 +123,9 @@ _PARQUET_PATTERNS = ("*.parquet", "*.pq")
 
 
 def _iter_parquet(path: Path, columns: list[str], optional: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
-    import pyarrow.parquet as pq
 
     for f in _files(path, _PARQUET_PATTERNS):
-        pf = pq.ParquetFile(f)
+        pf = storage.parquet_file(f)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise ValueError(f"input file {f} has no column(s) {missing}; it has {pf.schema_arrow.names} (see input.columns)")
@@ -140,9 +140,9 @@ def _iter_parquet(path: Path, columns: list[str], optional: list[str]) -> Iterat
 def _iter_hf(path: str, split: str, columns: list[str], optional: list[str]) -> Iterator[tuple[str, dict | None, str | None]]:
     import datasets
 
-    p = Path(path)
+    p = storage.as_path(path)
     if p.exists():
-        ds = datasets.load_from_disk(str(p))
+        ds = datasets.load_from_disk(str(storage.local_copy(p)))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"input.split {split!r} not in {path} (splits: {list(ds)})")
@@ -173,7 +173,7 @@ def _raw_rows(cfg: InputConfig) -> Iterator[tuple[str, dict | None, str | None]]
         optional.append(cols.id)
     elif cols.id:
         wanted.append(cols.id)
-    path = Path(cfg.path)  # type: ignore[arg-type]
+    path = storage.as_path(cfg.path)  # type: ignore[arg-type]
     if cfg.source == "hf":
         yield from _iter_hf(cfg.path, cfg.split, wanted, optional)  # type: ignore[arg-type]
         return
@@ -193,7 +193,7 @@ def input_files(cfg: InputConfig) -> list[Path] | None:
     synthetic problems and hub names, which have no local files."""
     if cfg.source == "synthetic" or cfg.path is None:
         return None
-    path = Path(cfg.path)
+    path = storage.as_path(cfg.path)
     if not path.exists():
         if cfg.source == "hf":
             return None  # a hub name

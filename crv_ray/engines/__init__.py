@@ -16,7 +16,8 @@ from crv_ray.config import OpenAIEngineConfig, RunConfig, Sampling, ScriptedEngi
 
 @functools.lru_cache(maxsize=None)
 def resolved_model_path(spec: str) -> str:
-    """Builtin names and local folders resolve to a folder; anything else is passed on (a hub id)."""
+    """Builtin names and local folders resolve to a folder; anything else is passed on (a hub id, or a URI that the
+    engine's actors copy to their node with crv_ray.storage.local_copy)."""
     from pathlib import Path
 
     from crv_ray.models.builtin import is_builtin, resolve_model
@@ -136,7 +137,11 @@ def prompt_token_counter(cfg: RunConfig, engine_name: str) -> tuple[Callable[[li
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolved_model_path(engine.model), trust_remote_code=engine.trust_remote_code)
+    from crv_ray.storage import is_uri, local_copy
+
+    path = resolved_model_path(engine.model)
+    tok = AutoTokenizer.from_pretrained(str(local_copy(path)) if is_uri(path) else path,
+                                        trust_remote_code=engine.trust_remote_code)
 
     def count(messages: list[dict]) -> int:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

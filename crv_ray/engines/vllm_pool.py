@@ -140,6 +140,9 @@ class VLLMEngineActor:
         import vllm
         from transformers import AutoTokenizer
 
+        from crv_ray.storage import local_copy
+
+        model_path = str(local_copy(model_path))  # a model on object storage: copied to this node's cache
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=kwargs.get("trust_remote_code",
                                                                                                  False))
         self.engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model_path, **kwargs))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from crv_ray import storage
 from crv_ray.answers import check_answer
 from crv_ray.config import RunConfig, Sampling, VLLMEngineConfig
 from crv_ray.engines import vllm_engine
@@ -95,7 +96,7 @@ def run_models(cfg: RunConfig) -> list[EvalModel]:
 
 def _model_fingerprint(path: str) -> list:
     """Names, sizes and mtimes of the weight and config files: retrained weights in the same folder are new."""
-    p = Path(path)
+    p = storage.as_path(path)
     if not p.is_dir():
         return [path]
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir())
@@ -407,6 +408,6 @@ def run_eval_command(cfg: RunConfig, model_args: list[str], benchmarks: list[str
                      config_given: bool) -> int:
     """`crv-ray eval MODEL [MODEL ...]`."""
     models = [parse_model(a) for a in model_args]
-    out_dir = Path(out) if out else (RunPaths(cfg.run_dir).eval if config_given else Path("runs") / "eval")
+    out_dir = storage.as_path(out) if out else (RunPaths(cfg.run_dir).eval if config_given else Path("runs") / "eval")
     run_eval(cfg, models, out_dir, benchmarks)
     return 0

@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from crv_ray import storage
 from crv_ray.config import RunConfig, redacted_dump
 from crv_ray.redact import redact
 from crv_ray.refine.state import ROLES_FOR_TOKENS
@@ -159,7 +159,7 @@ def committed_summary(store: RefineStore, shard: int) -> dict:
     info = store.done_info(shard)
     summary = info.get("summary")
     if summary is None or summary.get("version") != SUMMARY_VERSION:
-        trace = pq.read_table(store.paths.refine_shard_file("trace", shard), columns=_TRACE_COLUMNS)
+        trace = storage.read_table(store.paths.refine_shard_file("trace", shard), columns=_TRACE_COLUMNS)
         info["summary"] = summary = table_summary(trace)
         write_text_atomic(store.done_marker(shard), json.dumps(info, sort_keys=True))
     return summary

@@ -9,19 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
-import shutil
 import threading
 import uuid
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from crv_ray import storage
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
@@ -29,13 +26,13 @@ from crv_ray.engines import (EnginePools, build_engine_transform, caller_resourc
                              pool_resources)
 from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
 from crv_ray.progress import Progress
-from crv_ray.refine.assemble import assemble_shard
 from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
 from crv_ray.refine.roles import Reply, StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
 from crv_ray.run_paths import shard_name
+from crv_ray.storage import AnyPath
 
 log = logging.getLogger("crv_ray.refine")
 
@@ -131,7 +128,7 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
     try:
         check_bad_fraction(n_in, n_bad, first_reasons, cfg.input)
     except InputError:
-        shutil.rmtree(store.work / "input", ignore_errors=True)  # no state written: nothing counts as ingested
+        storage.rmtree(store.work / "input")  # no state written: nothing counts as ingested
         raise
     state = {
         "config_hash": cfg.refine_hash(),
@@ -208,12 +205,7 @@ def spill_rows(batch: pa.Table, schema: pa.Schema, spill_dir: str) -> pa.Table:
     shards = batch.column("shard").to_pylist()
     for shard in dict.fromkeys(shards):
         part = batch if len(set(shards)) == 1 else batch.filter(pa.array([s == shard for s in shards]))
-        folder = Path(spill_dir) / shard_name(int(shard))
-        folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        # Renamed into place so a killed task leaves no half file; no fsync: a crash reruns the unfinished shard.
-        pq.write_table(part, folder / f".{name}.tmp")
-        os.replace(folder / f".{name}.tmp", folder / f"{name}.parquet")
+        write_parquet_atomic(storage.as_path(spill_dir) / shard_name(int(shard)) / f"{uuid.uuid4().hex}.parquet", part)
     return batch.select(list(KEY_COLUMNS))
 
 
@@ -224,14 +216,14 @@ class ShardCollector:
     A copy is counted once even if a retried task wrote it twice (reading keeps the first of each copy)."""
 
     def __init__(self, expected: dict[int, int], on_complete: Callable[[int, dict[str, list[dict]]], None],
-                 spill_dir: Path):
+                 spill_dir: AnyPath):
         self.expected = expected  # shard -> number of problems
         self.on_complete = on_complete
-        self.spill_dir = Path(spill_dir)
+        self.spill_dir = spill_dir
         self.finished: dict[int, int] = defaultdict(int)  # shard -> problems with all their copies
         self._seen: dict[int, dict[str, int]] = defaultdict(dict)  # open shards: problem -> bitmask of copies seen
         for shard in expected:  # parts of a killed run: the shard runs again from its start
-            shutil.rmtree(self.spill_dir / shard_name(shard), ignore_errors=True)
+            storage.rmtree(self.spill_dir / shard_name(shard))
 
     def add_keys(self, keys: pa.Table) -> None:
         cols = [keys.column(c).to_pylist() for c in KEY_COLUMNS]
@@ -253,13 +245,13 @@ class ShardCollector:
         by_problem: dict[str, list[dict]] = defaultdict(list)
         copies: set[tuple[str, int]] = set()
         for f in sorted(folder.glob("*.parquet")):
-            for row in pq.read_table(f).to_pylist():
+            for row in storage.read_table(f).to_pylist():
                 key = (row["problem_id"], row["sample_index"])
                 if key not in copies:
                     copies.add(key)
                     by_problem[row["problem_id"]].append(row)
         self.on_complete(shard, by_problem)
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.rmtree(folder)
 
     def incomplete(self) -> list[int]:
         return sorted(s for s in self.expected if self.finished.get(s, 0) < self.expected[s])
@@ -344,10 +336,10 @@ def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema
 
 
 # ------------------------------------------------------------------ the two execution modes
-def _read(files: list[Path], schema: pa.Schema):
+def _read(files: list[AnyPath], schema: pa.Schema):
     import ray
 
-    return ray.data.read_parquet([str(f) for f in files], schema=schema, shuffle=None)
+    return ray.data.read_parquet(**storage.ray_paths(files), schema=schema, shuffle=None)
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],
@@ -405,12 +397,12 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
         last_critic = spec.role == "critic" and (i + 1 == len(stages) or stages[i + 1].role != "critic")
         if critic_guard is not None and last_critic:
             for s in shards:
-                if critic_guard(s["shard"], pq.read_table(prev[s["shard"]]).to_pylist()):
+                if critic_guard(s["shard"], storage.read_table(prev[s["shard"]]).to_pylist()):
                     break
     # Commit from the last stage's files.
     for s in shards:
         by_problem: dict[str, list[dict]] = defaultdict(list)
-        for row in pq.read_table(prev[s["shard"]]).to_pylist():
+        for row in storage.read_table(prev[s["shard"]]).to_pylist():
             by_problem[row["problem_id"]].append(row)
         commit(s["shard"], by_problem)
     return walls

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from crv_ray import storage
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import fingerprint_changes, input_fingerprint
 from crv_ray.engines import EnginePools
@@ -25,18 +25,19 @@ from crv_ray.refine.roles import build_stages
 from crv_ray.refine.store import DATASETS, RefineStore
 from crv_ray.ray_session import init_ray, quiet_ray_data  # noqa: F401 - their home before crv_ray.ray_session
 from crv_ray.run_paths import RunPaths
+from crv_ray.storage import AnyPath
 
 log = logging.getLogger("crv_ray.refine")
 
 
 @dataclass
 class RefineResult:
-    run_dir: Path
+    run_dir: AnyPath
     manifest: dict
     shards_run: int
     shards_skipped: int
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> AnyPath:
         return RunPaths(self.run_dir).refine / name
 
 
@@ -84,7 +85,7 @@ def check_input(cfg: RunConfig, store: RefineStore) -> None:
     if state is None or not state.get("ingested"):
         return
     old = state.get("input_fingerprint")
-    if cfg.input.source == "file" and not Path(cfg.input.path).exists():  # type: ignore[arg-type]
+    if cfg.input.source == "file" and not storage.as_path(cfg.input.path).exists():  # type: ignore[arg-type]
         # The ingested rows are all a resume needs; there is just nothing to compare them with.
         log.warning("refine: input %s is gone; resuming from the rows ingested before", cfg.input.path)
         return
@@ -109,6 +110,7 @@ def check_input(cfg: RunConfig, store: RefineStore) -> None:
 
 
 def run_refine(cfg: RunConfig) -> RefineResult:
+    storage.check_access(cfg.run_dir)
     store = RefineStore(cfg.run_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     _check_config(cfg, store)
@@ -159,4 +161,4 @@ def run_refine(cfg: RunConfig) -> RefineResult:
                                              "stage_wall_s": stage_walls, "engine_pools": pools.stats()})
         store.write_state(state)
     manifest = write_manifest(cfg, store)
-    return RefineResult(Path(cfg.run_dir), manifest, shards_run=len(pending), shards_skipped=skipped)
+    return RefineResult(storage.as_path(cfg.run_dir), manifest, shards_run=len(pending), shards_skipped=skipped)

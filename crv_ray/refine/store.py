@@ -5,8 +5,10 @@ shard-NNNNN.parquet per shard and dataset, manifest.json, and _work/ with state.
 stage outputs and the commit markers _work/done/shard-NNNNN.json, each holding the shard's row counts and trace
 summary: what the manifest adds up).
 
-Every file is written to a temporary name, fsynced, renamed into place and its folder fsynced. A shard counts as
-committed once its marker exists: readers (training) take only committed shards' files (`committed_files`).
+On local disk every file is written to a temporary name, fsynced, renamed into place and its folder fsynced. On
+object storage (a `s3://...` run_dir, crv_ray.storage) there is no rename, but each object is one atomic PUT: it
+is written in place. Either way the data files come first and the marker last, and a shard counts as committed
+once its marker exists: readers (training) take only committed shards' files (`committed_files`).
 """
 
 from __future__ import annotations
@@ -14,42 +16,43 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crv_ray import storage
 from crv_ray.run_paths import REFINE_DATASETS as DATASETS
 from crv_ray.run_paths import RunPaths
+from crv_ray.storage import AnyPath
 
 
 class RefineStore:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: str | AnyPath):
         self.paths = RunPaths(run_dir)
         self.root = self.paths.refine
         self.work = self.paths.refine_work
 
     # -- paths
-    def dataset_dir(self, name: str) -> Path:
+    def dataset_dir(self, name: str) -> AnyPath:
         return self.paths.refine_dataset(name)
 
-    def input_file(self, shard: int) -> Path:
+    def input_file(self, shard: int) -> AnyPath:
         return self.paths.refine_input_file(shard)
 
-    def stage_file(self, stage: str, shard: int) -> Path:
+    def stage_file(self, stage: str, shard: int) -> AnyPath:
         return self.paths.refine_stage_file(stage, shard)
 
-    def done_marker(self, shard: int) -> Path:
+    def done_marker(self, shard: int) -> AnyPath:
         return self.paths.refine_done_marker(shard)
 
     @property
-    def state_path(self) -> Path:
+    def state_path(self) -> AnyPath:
         return self.paths.refine_state
 
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> AnyPath:
         return self.paths.refine_manifest
 
     # -- state
@@ -64,7 +67,7 @@ class RefineStore:
     def reset(self) -> None:
         """Remove every refine output (used when the config changed and the user asked to restart)."""
         for folder in (*map(self.dataset_dir, DATASETS), self.work):
-            shutil.rmtree(folder, ignore_errors=True)
+            storage.rmtree(folder)
         self.manifest_path.unlink(missing_ok=True)
 
     def is_done(self, shard: int) -> bool:
@@ -77,7 +80,7 @@ class RefineStore:
         """Write each dataset's shard file atomically (fsynced), then the marker; a crash before the marker re-runs
         the shard. A failed write (e.g. a full disk) removes this shard's files again and raises StoreWriteError;
         other shards' files are never touched."""
-        written: list[Path] = []
+        written: list[AnyPath] = []
         try:
             for name in DATASETS:
                 path = self.paths.refine_shard_file(name, shard)
@@ -99,7 +102,7 @@ class RefineStore:
         shards = [s["shard"] for s in state.get("shards", [])]
         return [s for s in shards if self.is_done(s)], len(shards)
 
-    def committed_files(self, name: str) -> list[Path]:
+    def committed_files(self, name: str) -> list[AnyPath]:
         """The dataset's shard files whose commit marker exists; a file whose marker is missing may be half of an
         interrupted commit."""
         done, _ = self.committed_shards()
@@ -107,9 +110,9 @@ class RefineStore:
         return [f for f in files if f.is_file()]
 
 
-def refine_store_of(dataset_dir: Path) -> RefineStore | None:
+def refine_store_of(dataset_dir: str | AnyPath) -> RefineStore | None:
     """The RefineStore a folder such as <run_dir>/refine/sft belongs to, or None for any other folder."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = storage.as_path(dataset_dir)
     if dataset_dir.name not in DATASETS:
         return None
     store = RefineStore(dataset_dir.parent.parent)
@@ -144,10 +147,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: AnyPath, write, write_remote) -> None:
     """Write through `write(tmp_path)`, fsync the file, rename it into place and fsync the folder: a crash or power
-    loss leaves the old file or the new one, never a torn one. An OSError becomes a StoreWriteError naming the
-    path (the temporary file is removed)."""
+    loss leaves the old file or the new one, never a torn one. On object storage `write_remote()` writes the object
+    in place (a PUT is atomic). An OSError becomes a StoreWriteError naming the path (the temporary file is
+    removed)."""
+    if isinstance(path, storage.RemotePath):
+        try:
+            return write_remote()
+        except OSError as e:
+            raise StoreWriteError(f"could not write {path}: {e}") from e
     tmp = None
     try:
         tmp = _tmp_in(path)
@@ -163,13 +172,16 @@ def _write_atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+def write_parquet_atomic(path: str | AnyPath, table: pa.Table) -> None:
+    path = storage.as_path(path)
+    _write_atomic(path, lambda tmp: pq.write_table(table, tmp), lambda: storage.write_table(table, path))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | AnyPath, text: str) -> None:
+    path = storage.as_path(path)
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _write_atomic(path, write)
+    _write_atomic(path, write, lambda: path.write_text(text))

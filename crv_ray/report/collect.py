@@ -14,7 +14,7 @@ from statistics import mean
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from crv_ray import storage
 
 from crv_ray.refine.pairs import GAPS
 from crv_ray.refine.store import RefineStore
@@ -157,11 +157,11 @@ def read_trace_lengths(trace_dir: Path, run_dir: Path) -> tuple[list[dict] | Non
     rows: list[dict] = []
     for f in files:
         try:
-            names = set(pq.read_schema(f).names)
+            names = set(storage.read_schema(f).names)
             absent = [c for c in _LENGTH_COLUMNS if c not in names]
             if absent:
                 return None, f"{_rel(f, run_dir)} has no column(s) {absent}"
-            t = pq.read_table(f, columns=_LENGTH_COLUMNS)
+            t = storage.read_table(f, columns=_LENGTH_COLUMNS)
         except (OSError, pa.ArrowException) as e:
             return None, f"{_rel(f, run_dir)} is not readable Parquet: {e}"
         small = t.select(["status", "label", "refined_verified"])
@@ -246,7 +246,7 @@ def eval_section(summary: dict | None, why: str | None) -> dict:
 
 def collect(run_dir: str | Path) -> dict:
     """Everything the report shows, as plain data."""
-    run_dir = Path(run_dir)
+    run_dir = storage.as_path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     paths = RunPaths(run_dir)

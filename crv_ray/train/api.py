@@ -8,19 +8,22 @@ Stage directory layout (`out_dir`; names in crv_ray.run_paths):
   model/                        the exported Hugging Face model (+ crv_ray_train.json, the completion marker)
 
 Each stage is idempotent: a finished stage with the same config hash is skipped; an unfinished one resumes from its
-latest checkpoint. The run directory must be on storage every worker node sees (shared FS) on multi-node clusters.
-Ray is initialised by the caller.
+latest checkpoint. On multi-node clusters the run directory must be on storage every node sees: object storage
+(`s3://...`, crv_ray.storage: checkpoints go there directly through Ray Train's `storage_filesystem`, workers copy
+the model and the tokenized rows to a local cache) or a shared file system. Ray is initialised by the caller.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from crv_ray import storage
 from crv_ray.redact import redact
+from crv_ray.storage import AnyPath
 from crv_ray.run_paths import TRAIN_MARKER, stage_checkpoints, stage_data_report, stage_metrics, stage_model
 from crv_ray.train.config import TrainConfig, stage_hash
 from crv_ray.train.batching import TokenizedRows, plan_padding_fraction, steps_per_epoch
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 MARKER = TRAIN_MARKER
 
 
-def _fingerprint(*paths: Path) -> str:
+def _fingerprint(*paths: AnyPath) -> str:
     entries = []
     for path in paths:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -40,14 +43,15 @@ def _fingerprint(*paths: Path) -> str:
     return "|".join(entries)
 
 
-def _is_done(model_dir: Path, config_hash: str) -> bool:
+def _is_done(model_dir: AnyPath, config_hash: str) -> bool:
     marker = model_dir / MARKER
     return marker.is_file() and json.loads(marker.read_text()).get("config_hash") == config_hash
 
 
-def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig, stage: str, out_dir: Path,
-                  config_hash: str) -> Path:
-    """Tokenize once per config hash; write data_report.json (with the plan's padding fraction)."""
+def _prepare_data(kind: str, data_path: AnyPath, model_dir: AnyPath, cfg: TrainConfig, stage: str,
+                  out_dir: AnyPath, config_hash: str) -> AnyPath:
+    """Tokenize once per config hash; write data_report.json (with the plan's padding fraction). On object storage
+    the tokenized file is written locally and uploaded, then the report (what marks the data as complete)."""
     from crv_ray.train.data import describe_beta_sources, tokenize_to_file
 
     stage_cfg = getattr(cfg, stage)
@@ -55,16 +59,16 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     tokenized = data_dir / TOKENIZED_FILE
     report_path = stage_data_report(data_dir)
     if tokenized.is_file() and report_path.is_file():
-        shutil.copyfile(report_path, stage_data_report(out_dir))
+        storage.copy_file(report_path, stage_data_report(out_dir))
         return tokenized
-    report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, data_dir, num_actors=cfg.tokenize_num_actors)
-    rows = TokenizedRows(tokenized)
-    world = cfg.scaling.num_workers
-    report.padding_fraction = plan_padding_fraction(rows.seq_lengths, world, stage_cfg)
-    report.steps_per_epoch = steps_per_epoch(len(rows), world, stage_cfg.per_device_batch_size,
-                                             stage_cfg.grad_accum_steps)
+    with tempfile.TemporaryDirectory(prefix="crv-tokenized-") as tmp:
+        work = data_dir if isinstance(data_dir, Path) else Path(tmp)
+        report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, work, num_actors=cfg.tokenize_num_actors)
+        _plan_report(report, TokenizedRows(work / TOKENIZED_FILE), cfg, stage_cfg)
+        if work != data_dir:
+            storage.upload_file(work / TOKENIZED_FILE, tokenized)
     report.write(report_path)
-    shutil.copyfile(report_path, stage_data_report(out_dir))
+    storage.copy_file(report_path, stage_data_report(out_dir))
     logger.info("%s data: %d rows in, %d kept, %d dropped (prompt), %d dropped (length), %d truncated, "
                 "padding %.1f%%", stage, report.rows_in, report.rows_kept, report.dropped_prompt_too_long,
                 report.dropped_too_long, report.truncated, 100 * report.padding_fraction)
@@ -73,13 +77,20 @@ def _prepare_data(kind: str, data_path: Path, model_dir: Path, cfg: TrainConfig,
     return tokenized
 
 
+def _plan_report(report: DataReport, rows: TokenizedRows, cfg: TrainConfig, stage_cfg) -> None:
+    world = cfg.scaling.num_workers
+    report.padding_fraction = plan_padding_fraction(rows.seq_lengths, world, stage_cfg)
+    report.steps_per_epoch = steps_per_epoch(len(rows), world, stage_cfg.per_device_batch_size,
+                                             stage_cfg.grad_accum_steps)
+
+
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     """Logical resources one Ray Train worker holds."""
     sc = cfg.scaling
     return {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
 
 
-def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: dict, out_dir: Path,
+def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: dict, out_dir: AnyPath,
          config_hash: str):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -87,6 +98,8 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
     stage_cfg = getattr(cfg, stage)
     sc = cfg.scaling
     resources = worker_resources(cfg)
+    # Checkpoints go straight to their storage (a bucket: through pyarrow, no local copy of the run first).
+    fs, checkpoints = storage.resolve(stage_checkpoints(out_dir))
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=run,
@@ -95,7 +108,7 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
                                                resources_per_worker=resources),
         # Same name + storage path on a rerun: Ray Train restores the run and hands out its latest checkpoint.
         run_config=ray.train.RunConfig(
-            name=f"{stage}-{config_hash}", storage_path=str(stage_checkpoints(out_dir)),
+            name=f"{stage}-{config_hash}", storage_path=checkpoints, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage_cfg.keep_last_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=stage_cfg.max_failures)),
     )
@@ -106,19 +119,19 @@ def _fit(train_fn: Callable[[dict], None], cfg: TrainConfig, stage: str, run: di
         return trainer.fit()
 
 
-def _total_steps(out_dir: Path, epochs: int) -> int | None:
+def _total_steps(out_dir: AnyPath, epochs: int) -> int | None:
     try:
         return int(json.loads(stage_data_report(out_dir).read_text())["steps_per_epoch"]) * epochs
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Path, data_path: Path,
-               out_dir: Path) -> Path:
+def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: AnyPath, data_path: AnyPath,
+               out_dir: AnyPath) -> AnyPath:
     from crv_ray.train.data import load_tokenizer
     from crv_ray.train.ref_logps import pad_token_id
 
-    model_dir, data_path, out_dir = Path(model_dir).resolve(), Path(data_path).resolve(), Path(out_dir).resolve()
+    model_dir, data_path, out_dir = map(storage.absolute, (model_dir, data_path, out_dir))
     tokenizer = load_tokenizer(model_dir)  # a bad model path fails here, named
     # Paths plus file sizes/mtimes: data rewritten in place must not reuse a stale tokenization or export.
     config_hash = stage_hash(cfg, stage, model_dir=str(model_dir), data=str(data_path),
@@ -128,7 +141,8 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Pat
         logger.info("%s: %s is complete for config %s, skipping", stage, export_dir, config_hash)
         return export_dir
     if export_dir.exists():  # an export of another config: never leave it looking like this run's result
-        shutil.rmtree(export_dir)
+        (export_dir / MARKER).unlink(missing_ok=True)  # first: object stores delete a folder object by object
+        storage.rmtree(export_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenized = _prepare_data(kind, data_path, model_dir, cfg, stage, out_dir, config_hash)
     run = {"train_cfg": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data_file": str(tokenized),
@@ -143,7 +157,7 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Pat
     return export_dir
 
 
-def run_sft(cfg: TrainConfig, model_dir: Path, sft_path: Path, out_dir: Path) -> Path:
+def run_sft(cfg: TrainConfig, model_dir: AnyPath, sft_path: AnyPath, out_dir: AnyPath) -> AnyPath:
     """SFT of the student at `model_dir` on the `sft` dataset; returns `out_dir/model`.
 
     With `cfg.sft.stop_after_steps` the run stops early and nothing is exported yet (the path does not exist).
@@ -153,14 +167,14 @@ def run_sft(cfg: TrainConfig, model_dir: Path, sft_path: Path, out_dir: Path) ->
     return _run_stage("sft", "sft", sft_train_loop, cfg, model_dir, sft_path, out_dir)
 
 
-def run_ref_logps(cfg: TrainConfig, ref_model_dir: Path, pairs_path: Path, out_path: Path) -> Path:
+def run_ref_logps(cfg: TrainConfig, ref_model_dir: AnyPath, pairs_path: AnyPath, out_path: AnyPath) -> AnyPath:
     """Pairs + reference log-probs of the SFT model, as a Parquet directory at `out_path` (skipped if complete)."""
     from crv_ray.train.ref_logps import compute_ref_logps
 
     return compute_ref_logps(ref_model_dir, pairs_path, out_path, cfg)
 
 
-def run_cogpo(cfg: TrainConfig, sft_model_dir: Path, pairs_with_ref_path: Path, out_dir: Path) -> Path:
+def run_cogpo(cfg: TrainConfig, sft_model_dir: AnyPath, pairs_with_ref_path: AnyPath, out_dir: AnyPath) -> AnyPath:
     """CogPO from the SFT model on pairs (with ref columns unless `cogpo.reference == "online"`); returns
     `out_dir/model`."""
     from crv_ray.train.cogpo_recipe import cogpo_train_loop
@@ -168,7 +182,7 @@ def run_cogpo(cfg: TrainConfig, sft_model_dir: Path, pairs_with_ref_path: Path, 
     return _run_stage("cogpo", "pairs", cogpo_train_loop, cfg, sft_model_dir, pairs_with_ref_path, out_dir)
 
 
-def read_metrics(out_dir: Path) -> list[dict]:
+def read_metrics(out_dir: str | AnyPath) -> list[dict]:
     """metrics.jsonl of a stage, one entry per step (the last one written wins after a resume)."""
     by_step: dict[int, dict] = {}
     path = stage_metrics(out_dir)
@@ -179,5 +193,5 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def load_report(out_dir: Path) -> DataReport:
+def load_report(out_dir: str | AnyPath) -> DataReport:
     return DataReport(**json.loads(stage_data_report(out_dir).read_text()))

@@ -26,7 +26,7 @@ class CogPORecipe(TrainLoop):
         self.gap_names = tuple(sorted(set(self.rows.table.column("gap").to_pylist())))
         self.ref_model = None
         if stage.reference == "online" and stage.uses_reference:
-            self.ref_model = setup_model(self.run["model_dir"], self.cfg.fsdp, None, stage.logprob_chunk_size,
+            self.ref_model = setup_model(self.model_dir, self.cfg.fsdp, None, stage.logprob_chunk_size,
                                          stage.seed, trainable=False)
         self._metric_sums: list[dict] = []
 

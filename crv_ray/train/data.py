@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from crv_ray import storage
 from crv_ray.train.config import CogPOConfig, SFTConfig, _StageConfig
 
 Kind = Literal["sft", "pairs"]
@@ -38,7 +38,7 @@ def list_parquet_files(path: str | Path, what: str = "dataset") -> list[Path]:
     marker (a run in progress or killed mid-commit)."""
     from crv_ray.refine.store import refine_store_of
 
-    path = Path(path)
+    path = storage.as_path(path)
     if path.is_file():
         return [path]
     store = refine_store_of(path) if path.is_dir() else None
@@ -72,7 +72,7 @@ def validate_files(files: list[Path], kind: Kind, gap_betas: dict[str, float] | 
     required = list(SFT_COLUMNS if kind == "sft" else PAIRS_COLUMNS) + (list(REF_COLUMNS) if require_ref else [])
     n_rows = 0
     for file in files:
-        schema = pq.read_schema(file)
+        schema = storage.read_schema(file)
         names = schema.names
         missing = [c for c in required if c not in names]
         if missing:
@@ -83,7 +83,7 @@ def validate_files(files: list[Path], kind: Kind, gap_betas: dict[str, float] | 
                                                or pa.types.is_null(typ)):
                 raise ValueError(f"{file}: column {col!r} must be text, is {typ}")
         cols = required + [c for c in ("beta", "gap") if kind == "pairs" and c in names]
-        table = pq.read_table(file, columns=cols)
+        table = storage.read_table(file, columns=cols)
         for col in required:
             if col not in REF_COLUMNS:
                 _check_text_column(table, col, file)
@@ -113,10 +113,10 @@ def validate_files(files: list[Path], kind: Kind, gap_betas: dict[str, float] | 
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = storage.as_path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"student model path {str(model_dir)!r} is not a model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(storage.local_copy(model_dir)))
     if not tok.chat_template:
         raise ValueError(f"tokenizer in {str(model_dir)!r} has no chat_template; training needs one")
     return tok
@@ -285,7 +285,7 @@ def read_parquet_dataset(files: list[Path], columns: list[str] | None = None):
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    return ray.data.read_parquet([str(f) for f in files], columns=columns)
+    return ray.data.read_parquet(**storage.ray_paths(files), columns=columns)
 
 
 def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, stage_cfg: _StageConfig,
@@ -300,7 +300,7 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
     gap_betas = stage_cfg.gap_betas if kind == "pairs" and stage_cfg.loss != "dpo" else None
     rows_in = validate_files(files, kind, gap_betas, require_ref=require_ref)
     load_tokenizer(model_dir)  # fail here, on the driver, with the path in the message
-    names = pq.read_schema(files[0]).names
+    names = storage.read_schema(files[0]).names
     columns = list(SFT_COLUMNS) if kind == "sft" else (
         list(PAIRS_COLUMNS) + [c for c in ("beta", "gap") if c in names] + (list(REF_COLUMNS) if require_ref else []))
     ds = read_parquet_dataset(files, columns).map_batches(

@@ -7,6 +7,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from crv_ray import storage
 from crv_ray.run_paths import stage_metrics
 from crv_ray.train.config import FSDPConfig, LoRAConfig, _StageConfig
 from crv_ray.train.logprobs import _logit_transform, chunked_token_logps
@@ -212,7 +215,10 @@ def peak_memory_mb() -> float:
 
 class MetricsLogger:
     """Rank 0 writes `metrics.jsonl` and TensorBoard. A run resumed from a checkpoint appends (steps after the
-    checkpoint may repeat after a crash: take the last line per step); a fresh run starts a new file."""
+    checkpoint may repeat after a crash: take the last line per step); a fresh run starts a new file.
+
+    On object storage (no appends) both are written to a local folder; metrics.jsonl is uploaded whole after every
+    step (one small PUT, so a crash loses no logged step) and tb/ when the logger closes."""
 
     def __init__(self, out_dir: str | Path, enabled: bool, resumed: bool):
         self.enabled = enabled
@@ -220,16 +226,24 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = stage_metrics(out_dir).open("a" if resumed else "w")
-        self.tb = SummaryWriter(str(out_dir / "tb"))
+        self.out_dir = storage.as_path(out_dir)
+        self.remote = isinstance(self.out_dir, storage.RemotePath)
+        local = Path(tempfile.mkdtemp(prefix="crv-metrics-")) if self.remote else self.out_dir
+        local.mkdir(parents=True, exist_ok=True)
+        self.local_jsonl = stage_metrics(local)
+        if self.remote and resumed and stage_metrics(self.out_dir).is_file():
+            self.local_jsonl.write_bytes(stage_metrics(self.out_dir).read_bytes())
+        self.jsonl = self.local_jsonl.open("a" if resumed else "w")
+        self.local_tb = local / "tb"
+        self.tb = SummaryWriter(str(self.local_tb))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.jsonl.flush()
+        if self.remote:
+            storage.upload_file(self.local_jsonl, stage_metrics(self.out_dir))
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
@@ -239,6 +253,10 @@ class MetricsLogger:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.remote:
+                storage.upload_file(self.local_jsonl, stage_metrics(self.out_dir))
+                storage.upload_dir(self.local_tb, self.out_dir / "tb", replace=False)  # a resumed run adds files
+                shutil.rmtree(self.local_jsonl.parent, ignore_errors=True)
 
 
 # Test-only fault injection: a JSON file {"rank": r, "step": n} under the stage's out_dir makes rank r's process
@@ -247,10 +265,10 @@ FAULT_FILE = ".inject_worker_failure.json"
 
 
 def maybe_inject_failure(out_dir: str | Path, rank: int, step: int) -> None:
-    path = Path(out_dir) / FAULT_FILE
+    path = storage.as_path(out_dir) / FAULT_FILE
     if not path.is_file():
         return
     spec = json.loads(path.read_text())
     if (spec["rank"], spec["step"]) == (rank, step):
-        os.replace(path, path.with_name(FAULT_FILE + ".done"))
+        path.replace(path.with_name(FAULT_FILE + ".done"))
         os._exit(1)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from crv_ray import storage
 from crv_ray.train.config import LoRAConfig
 from crv_ray.train.distributed import rank_and_world
 
@@ -29,10 +30,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_hf_model(state_dict: dict[str, torch.Tensor], base_model_dir: str | Path, out_dir: str | Path,
                   lora: LoRAConfig | None = None) -> Path:
     """Write an HF directory from a full state dict of the (possibly peft-wrapped) model started from
-    `base_model_dir`. Written to a temp dir and renamed, so a half-written export is never mistaken for one."""
+    `base_model_dir` (a local folder). Written to a temp dir and renamed, so a half-written export is never mistaken
+    for one; an `out_dir` on object storage gets the temp dir's files uploaded (the caller's marker, written after,
+    is what says the export is complete)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
+    base_model_dir, out_dir = Path(base_model_dir), storage.as_path(out_dir)
     config = AutoConfig.from_pretrained(str(base_model_dir))
     save_dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(save_dtype, str):
@@ -59,16 +62,21 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], base_model_dir: str | Pat
     model.config.use_cache = True
     model.to(save_dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+    remote = isinstance(out_dir, storage.RemotePath)
+    if not remote:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=None if remote else out_dir.parent))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(base_model_dir)).save_pretrained(str(tmp))
         if (base_model_dir / "generation_config.json").exists():
             GenerationConfig.from_pretrained(str(base_model_dir)).save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if remote:
+            storage.upload_dir(tmp, out_dir)
+        else:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

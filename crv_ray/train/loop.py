@@ -9,12 +9,12 @@ loss of one micro-batch, the step's loss denominator, and optionally extra model
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import ray.train
 import torch
 
+from crv_ray import storage
 from crv_ray.run_paths import stage_model
 from crv_ray.train.batching import TokenizedRows, packed_micro_batches, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -44,7 +44,10 @@ class TrainLoop:
         self.cfg = TrainConfig.model_validate(run["train_cfg"])
         self.stage = getattr(self.cfg, self.stage_name)
         self.run = run
-        self.out_dir = Path(run["out_dir"])
+        self.out_dir = storage.as_path(run["out_dir"])
+        # Local files for what is read as files (a run_dir on object storage: copied once per node).
+        self.model_dir = str(storage.local_copy(run["model_dir"]))
+        self.data_file = str(storage.local_copy(run["data_file"]))
         self.rank, self.world = rank_and_world()
         self.device = device()
 
@@ -71,11 +74,11 @@ class TrainLoop:
     def setup(self) -> None:
         stage = self.stage
         seed_all(stage.seed)
-        self.rows = TokenizedRows(self.run["data_file"])
+        self.rows = TokenizedRows(self.data_file)
         self.steps_per_epoch = steps_per_epoch(len(self.rows), self.world, stage.per_device_batch_size,
                                                stage.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * stage.epochs
-        self.model = setup_model(self.run["model_dir"], self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
+        self.model = setup_model(self.model_dir, self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
                                  stage.seed)
         self.setup_extra()
         self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
@@ -161,7 +164,7 @@ class TrainLoop:
                         {"step": self.global_step, **metrics})
 
     def export(self) -> None:
-        export_model(self.model, self.run["model_dir"], stage_model(self.out_dir), self.cfg.lora)
+        export_model(self.model, self.model_dir, stage_model(self.out_dir), self.cfg.lora)
 
     def cleanup(self) -> None:
         self.logger.close()

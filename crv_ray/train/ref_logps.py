@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from crv_ray import storage
 from crv_ray.run_paths import REF_LOGPS_MARKER
 from crv_ray.train.config import CogPOConfig, TrainConfig
 from crv_ray.train.batching import TokenizedRows
+from crv_ray.storage import AnyPath
 from crv_ray.train.data import (REF_COLUMNS, list_parquet_files, load_tokenizer, read_parquet_dataset,
                                 tokenize_pairs_batch, validate_files)
 
@@ -41,7 +42,8 @@ class RefLogpsPredictor:
         self.cfg = CogPOConfig.model_validate(cogpo_cfg)
         self.tokenizer = load_tokenizer(model_dir)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        lm = load_hf_model(model_dir).to(self.device, torch.bfloat16 if use_gpu else torch.float32).eval()
+        local = str(storage.local_copy(model_dir))  # a model on object storage: copied to this node's cache
+        lm = load_hf_model(local).to(self.device, torch.bfloat16 if use_gpu else torch.float32).eval()
         self.model = TokenLogps(lm, self.cfg.logprob_chunk_size)
         self.pad_id = pad_token_id(self.tokenizer)
 
@@ -83,21 +85,21 @@ def _fingerprint(model_dir: Path, pairs_path: Path, cfg: CogPOConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_complete(out_path: Path, fingerprint: str | None = None) -> bool:
-    marker = Path(out_path) / COMPLETE_MARKER
+def is_complete(out_path: str | AnyPath, fingerprint: str | None = None) -> bool:
+    marker = storage.as_path(out_path) / COMPLETE_MARKER
     if not marker.is_file():
         return False
     return fingerprint is None or json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
 def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: str | Path,
-                      cfg: TrainConfig) -> Path:
+                      cfg: TrainConfig) -> AnyPath:
     """Write the pairs plus `ref_chosen_logp`, `ref_rejected_logp` as a Parquet directory at `out_path`.
 
     Skipped when `out_path` holds a complete result for the same model, input files and length settings.
     Ray must be initialised by the caller (or is started with defaults by Ray Data).
     """
-    model_dir, pairs_path, out_path = Path(model_dir).resolve(), Path(pairs_path).resolve(), Path(out_path).resolve()
+    model_dir, pairs_path, out_path = map(storage.absolute, (model_dir, pairs_path, out_path))
     load_tokenizer(model_dir)  # names a bad model path before any Ray work
     files = list_parquet_files(pairs_path, "pairs dataset")
     rows_in = validate_files(files, "pairs", cfg.cogpo.gap_betas)
@@ -115,15 +117,21 @@ def compute_ref_logps(model_dir: str | Path, pairs_path: str | Path, out_path: s
         batch_format="pyarrow", batch_size=cfg.ref_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
         **({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
-    rows_out = sum(pq.ParquetFile(f).metadata.num_rows for f in list_parquet_files(tmp))
+    # Local disk: written beside and renamed into place. Object storage has no rename: written in place, after the
+    # old marker is gone, with the marker last.
+    local = isinstance(out_path, Path)
+    tmp = out_path.with_name(out_path.name + ".tmp") if local else out_path
+    (tmp / COMPLETE_MARKER).unlink(missing_ok=True)
+    storage.rmtree(tmp)
+    fs, key = storage.resolve(tmp)
+    ds.write_parquet(key, filesystem=fs)
+    rows_out = sum(storage.parquet_file(f).metadata.num_rows for f in list_parquet_files(tmp))
     if rows_out != rows_in:
         raise RuntimeError(f"reference log-probs: wrote {rows_out} rows for {rows_in} input pairs")
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "rows": rows_out,
                                                    "model_dir": str(model_dir), "pairs": str(pairs_path)}))
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    os.replace(tmp, out_path)
+    if local:
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.replace(tmp, out_path)
     return out_path

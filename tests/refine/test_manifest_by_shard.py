@@ -132,5 +132,5 @@ def test_write_manifest_reads_markers_not_trace_rows(tmp_path, monkeypatch):
     def no_reads(*a, **k):
         raise AssertionError("write_manifest read a trace file")
 
-    monkeypatch.setattr(manifest.pq, "read_table", no_reads)
+    monkeypatch.setattr(manifest.storage, "read_table", no_reads)
     assert write_manifest(cfg, store)["reconciliation"]["complete"]
