@@ -33,9 +33,32 @@ class FSDPConfig(_Strict):
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Parameter dtype inside forward/backward: auto = bf16 on GPU, fp32 on CPU. "
         "Gradients are always reduced in fp32 and master weights stay fp32.")
-    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+    activation_checkpointing: Literal["off", "full", "selective"] = Field(
+        "off", description="Recompute decoder-layer activations in backward: off; full = every decoder layer; "
+        "selective = every activation_checkpointing_every-th layer (and, with activation_checkpointing_save_matmuls, "
+        "those layers keep their matmul outputs and recompute only the cheap ops). true/false of older configs "
+        "mean full/off.")
+    activation_checkpointing_every: int = Field(
+        2, ge=1, description="selective: checkpoint layers 0, k, 2k, ... (k = this); the others keep their "
+        "activations. 1 = every layer.")
+    activation_checkpointing_save_matmuls: bool = Field(
+        False, description="selective: inside a checkpointed layer keep the matmul/attention outputs (torch's "
+        "selective activation checkpointing policy) and recompute only norms, activations and the like.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters/grads/optimizer state in CPU memory "
                               "(FSDP2 CPUOffloadPolicy); only meaningful on GPU.")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _ac_bool(cls, v):
+        return {True: "full", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _ac_options_apply(self):
+        if self.activation_checkpointing != "selective" and (self.activation_checkpointing_every != 2
+                                                             or self.activation_checkpointing_save_matmuls):
+            raise ValueError("activation_checkpointing_every / activation_checkpointing_save_matmuls apply to "
+                             f"activation_checkpointing: selective (it is {self.activation_checkpointing!r})")
+        return self
 
 
 class LoRAConfig(_Strict):

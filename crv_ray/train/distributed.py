@@ -115,6 +115,39 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective AC: keep what the matmuls and attention produced (the costly ops), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def apply_activation_checkpointing(lm: nn.Module, fsdp: FSDPConfig) -> None:
+    """Turn on the configured activation checkpointing in the HF decoder layers (their GradientCheckpointingLayer
+    wraps each layer's call, FSDP2's unshard hooks included, in non-reentrant torch.utils.checkpoint)."""
+    mode = fsdp.activation_checkpointing
+    if mode == "off":
+        return
+    kwargs: dict = {"use_reentrant": False}
+    every = 1
+    if mode == "selective":
+        every = fsdp.activation_checkpointing_every
+        if fsdp.activation_checkpointing_save_matmuls:
+            from functools import partial
+
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every)
+
+
 def uses_cpu_offload(fsdp: FSDPConfig, dev: torch.device) -> bool:
     """FSDP2 keeps parameters, gradients and optimizer state on the host: GPU runs with `fsdp.cpu_offload` only."""
     return fsdp.enabled and fsdp.cpu_offload and dev.type == "cuda" and dist.is_initialized()
@@ -130,8 +163,8 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     if not trainable:
         lm.requires_grad_(False)
         lm.eval()
-    if fsdp.activation_checkpointing and trainable:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainable:
+        apply_activation_checkpointing(lm, fsdp)
     model = TokenLogps(lm, chunk_size)
     if not fsdp.enabled or not dist.is_initialized():
         return model.to(dev)
