@@ -92,6 +92,10 @@ class _StageConfig(_Strict):
         None, ge=1, description="With packing: cut each worker's rows of an optimizer step into micro-batches of at "
         "most this many tokens (a row longer than that goes alone); null = per_device_batch_size rows each. The "
         "step's rows and its loss are the same either way.")
+    kernels: Literal["none", "liger", "compile"] = Field(
+        "none", description="Fused kernels in the trained model's decoder: none; liger = Liger's Triton RMSNorm, "
+        "SwiGLU and RoPE (needs CUDA and the gpu extra; the LM head stays on the chunked log-prob path); compile = "
+        "torch.compile of each decoder layer's forward (CPU or GPU).")
     group_by_length: bool = Field(True, description="Build batches of similar length to waste less on padding.")
     length_group_window: int = Field(64, ge=1, description="Optimizer steps per window that is sorted by length "
                                      "(larger = less padding, less randomness).")
@@ -186,6 +190,14 @@ class TrainConfig(_Strict):
                 raise ValueError(f"cogpo_variants: {name!r} cannot name a variant (letters, digits, '_', '-', '.'; "
                                  f"not one of {RESERVED_MODEL_NAMES})")
         return v
+
+    @model_validator(mode="after")
+    def _kernels_fit_the_device(self):
+        for stage in ("sft", "cogpo"):
+            if getattr(self, stage).kernels == "liger" and not self.scaling.use_gpu:
+                raise ValueError(f"{stage}.kernels: liger runs Triton kernels, which need CUDA: set "
+                                 "scaling.use_gpu: true, or kernels: compile / none on CPU")
+        return self
 
     @model_validator(mode="after")
     def _variants_valid(self):

@@ -153,8 +153,32 @@ def uses_cpu_offload(fsdp: FSDPConfig, dev: torch.device) -> bool:
     return fsdp.enabled and fsdp.cpu_offload and dev.type == "cuda" and dist.is_initialized()
 
 
+def apply_kernels(lm: nn.Module, kernels: str, dev: torch.device) -> None:
+    """Swap in the configured fused kernels (see `_StageConfig.kernels`). The LM head is left alone: log-probs stay
+    on `chunked_token_logps` (Liger's fused linear cross entropy gives a loss, not per-token log-probs)."""
+    if kernels == "none":
+        return
+    if kernels == "liger":
+        if dev.type != "cuda":
+            raise RuntimeError(f"kernels: liger needs a CUDA device (Triton), this worker runs on {dev.type}: "
+                               "use kernels: compile or none on CPU")
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError as e:
+            raise RuntimeError("kernels: liger needs the liger-kernel package (pip install 'crv-ray[gpu]')") from e
+        _apply_liger_kernel_to_instance(model=base_causal_lm(lm), rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        return
+    if kernels == "compile":
+        # The layer's forward only: FSDP2's unshard hooks and HF's checkpoint wrapper stay outside the graph.
+        for layer in _decoder_layers(lm):
+            layer.forward = torch.compile(layer.forward)
+        return
+    raise ValueError(f"unknown kernels {kernels!r} (none, liger, compile)")
+
+
 def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None, chunk_size: int,
-                seed: int, trainable: bool = True) -> TokenLogps:
+                seed: int, trainable: bool = True, kernels: str = "none") -> TokenLogps:
     """Load, wrap in TokenLogps and shard with FSDP2: each decoder layer, then the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -164,6 +188,7 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
         lm.requires_grad_(False)
         lm.eval()
     if trainable:
+        apply_kernels(lm, kernels, dev)
         apply_activation_checkpointing(lm, fsdp)
     model = TokenLogps(lm, chunk_size)
     if not fsdp.enabled or not dist.is_initialized():

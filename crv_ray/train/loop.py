@@ -76,7 +76,7 @@ class TrainLoop:
                                                stage.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * stage.epochs
         self.model = setup_model(self.run["model_dir"], self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
-                                 stage.seed)
+                                 stage.seed, kernels=stage.kernels)
         self.setup_extra()
         self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
         self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
