@@ -46,6 +46,11 @@ class FSDPConfig(_Strict):
         "selective activation checkpointing policy) and recompute only norms, activations and the like.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters/grads/optimizer state in CPU memory "
                               "(FSDP2 CPUOffloadPolicy); only meaningful on GPU.")
+    load: Literal["sharded", "full"] = Field(
+        "sharded", description="How a sharded run loads the starting weights: sharded = build the model on the meta "
+        "device, shard it, then read only this rank's slices from the safetensors files (memory per rank is about "
+        "its shard, for students too big for one host's memory); full = every rank loads the whole model first. "
+        "LoRA runs and unsharded runs always load in full.")
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -59,6 +64,14 @@ class FSDPConfig(_Strict):
             raise ValueError("activation_checkpointing_every / activation_checkpointing_save_matmuls apply to "
                              f"activation_checkpointing: selective (it is {self.activation_checkpointing!r})")
         return self
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[2, 3] = Field(3, description="ZeRO stage: 3 partitions parameters, gradients and optimizer "
+                                      "state; 2 only gradients and optimizer state.")
+    offload: bool = Field(False, description="Keep optimizer state (and, with ZeRO-3, parameters) in CPU memory.")
+    bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient-reduction and parameter-prefetch "
+                             "bucket.")
 
 
 class LoRAConfig(_Strict):
@@ -170,7 +183,14 @@ class TrainConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning stage.")
     cogpo: CogPOConfig = Field(default_factory=CogPOConfig, description="CogPO preference stage.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options.")
+    strategy: Literal["fsdp2", "deepspeed"] = Field(
+        "fsdp2", description="How the workers shard the model: fsdp2 (torch fully_shard; the `fsdp` section) or "
+        "deepspeed (ZeRO, the `deepspeed` section; needs the deepspeed extra). Losses, data, checkpoint cadence, "
+        "resume and export are the same; a checkpoint resumes only under the strategy that wrote it.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options; with strategy: "
+                             "deepspeed only mixed_precision and the activation_checkpointing fields apply.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed options "
+                                       "(strategy: deepspeed).")
     lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (merged at export); null = full.")
     cogpo_variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -190,6 +210,12 @@ class TrainConfig(_Strict):
                 raise ValueError(f"cogpo_variants: {name!r} cannot name a variant (letters, digits, '_', '-', '.'; "
                                  f"not one of {RESERVED_MODEL_NAMES})")
         return v
+
+    @model_validator(mode="after")
+    def _deepspeed_supports(self):
+        if self.strategy == "deepspeed" and self.cogpo.reference == "online" and self.cogpo.uses_reference:
+            raise ValueError("cogpo.reference: online is not supported with strategy: deepspeed (use precomputed)")
+        return self
 
     @model_validator(mode="after")
     def _kernels_fit_the_device(self):
@@ -232,6 +258,8 @@ def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
     payload = {
         "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
         "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),
+        **({"strategy": cfg.strategy, "deepspeed": cfg.deepspeed.model_dump(mode="json")}
+           if cfg.strategy != "fsdp2" else {}),
         "lora": None if cfg.lora is None else cfg.lora.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
