@@ -41,7 +41,8 @@ TRL_DEFAULTS = {"padding_free": False, "liger": False, "gradient_checkpointing":
 VARIANTS = {
     "crv": "crv:", "crv-foreach": "crv:optimizer=foreach", "crv-plain": "crv:optimizer=plain",
     "crv-packed": "crv:packing=true", "crv-compile": "crv:kernels=compile", "crv-liger": "crv:kernels=liger",
-    "crv-ac-full": "crv:ac=full", "crv-ac-sel": "crv:ac=selective", "crv-ac-sel-mm": "crv:ac=selective,save_matmuls=true",
+    "crv-ac-full": "crv:ac=full", "crv-ac-sel": "crv:ac=selective",
+    "crv-ac-sel-mm": "crv:ac=selective,save_matmuls=true",
     "crv-deepspeed": "crv:strategy=deepspeed", "crv-best": "crv:packing=true,kernels=liger,ac=selective",
     "trl": "trl:", "trl-best": "trl:padding_free=true,liger=true",
 }
@@ -120,7 +121,8 @@ def real_tokens(pairs: list[dict]) -> int:
 def flops_per_token(shape: str, pairs: list[dict]) -> float:
     """6 x matmul parameters (LM head included) + 6 x layers x sequence length x hidden."""
     s = SHAPES[shape]
-    h, n_layers, heads, kv = s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"]
+    h, n_layers = s["hidden_size"], s["num_hidden_layers"]
+    heads, kv = s["num_attention_heads"], s["num_key_value_heads"]
     hd = h // heads
     per_layer = h * heads * hd * 2 + 2 * h * kv * hd + 3 * h * s["intermediate_size"]
     matmul_params = n_layers * per_layer + s["vocab_size"] * h
@@ -300,6 +302,7 @@ def main() -> None:
                     "like 'crv:packing=true;trl:padding_free=true'")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--model-dir", type=Path, help="reuse (or build once into) this model directory")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     pairs = make_pairs(pair_lengths(args.pairs, args.length, args.lengths == "mixed"))
@@ -315,8 +318,9 @@ def main() -> None:
     fpt = flops_per_token(args.shape, pairs)
     res: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        build_model(args.shape, model_dir)
+        model_dir = args.model_dir or Path(tmp) / "model"
+        if not (model_dir / "config.json").is_file():
+            build_model(args.shape, model_dir)
         for name in names:
             cmd = [sys.executable, __file__, "--child", name, str(model_dir), "--shape", args.shape,
                    "--pairs", str(args.pairs), "--length", str(args.length), "--lengths", args.lengths,

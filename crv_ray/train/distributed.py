@@ -218,7 +218,8 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dev = device()
-    sharded_load = fsdp.enabled and dist.is_initialized() and fsdp.load == "sharded" and (lora is None or not trainable)
+    sharded_load = (fsdp.enabled and dist.is_initialized() and fsdp.load == "sharded"
+                    and (lora is None or not trainable))
     lm = meta_hf_model(model_dir) if sharded_load else load_hf_model(model_dir, lora if trainable else None, seed)
     if not trainable:
         lm.requires_grad_(False)
