@@ -252,12 +252,13 @@ def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
     """Hash of what determines a stage's result: its config, the shared parts and the input paths.
 
     `stop_after_steps` and `max_failures` are left out: they say when a run stops or restarts, not what it
-    computes, so a stopped or restarted run and its resumption share one run directory.
+    computes, so a stopped or restarted run and its resumption share one run directory; so is `fsdp.load` (how
+    the same starting weights are read).
     """
     stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps", "max_failures"})
     payload = {
         "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
-        "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),
+        "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json", exclude={"load"}),
         **({"strategy": cfg.strategy, "deepspeed": cfg.deepspeed.model_dump(mode="json")}
            if cfg.strategy != "fsdp2" else {}),
         "lora": None if cfg.lora is None else cfg.lora.model_dump(mode="json"),
