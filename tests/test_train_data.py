@@ -53,6 +53,8 @@ def test_stage_hash_ignores_stop_after_steps_and_max_failures():
     b = TrainConfig.model_validate({"sft": {"stop_after_steps": 3, "max_failures": 0}})
     c = TrainConfig.model_validate({"sft": {"lr": 1e-4}})
     assert stage_hash(a, "sft", data="x") == stage_hash(b, "sft", data="x")
+    assert stage_hash(a, "sft", data="x") == stage_hash(TrainConfig(fsdp={"load": "full"}), "sft", data="x")
+    assert stage_hash(a, "sft", data="x") != stage_hash(TrainConfig(strategy="deepspeed"), "sft", data="x")
     assert stage_hash(a, "sft", data="x") != stage_hash(c, "sft", data="x")
     assert stage_hash(a, "sft", data="x") != stage_hash(a, "sft", data="y")
 

@@ -127,3 +127,27 @@ def test_killed_worker_restarts_from_checkpoint_on_the_same_trajectory(full_run,
     assert [m["step"] for m in killed] == list(range(1, 10))
     for a, b in zip(full, killed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]
+
+
+def test_deepspeed_strategy_same_trajectory_resume_and_export(full_run, setup):
+    """train.strategy: deepspeed (ZeRO-3, CPU accelerator over gloo): stopped at step 5 and resumed, it follows
+    the FSDP2 run's losses, and its export loads with the FSDP2 export's weights."""
+    from transformers import AutoModelForCausalLM
+
+    root, model = setup
+    ds = {"sft": SFT, "strategy": "deepspeed"}
+    stopped = TrainConfig.model_validate({**ds, "sft": {**SFT, "stop_after_steps": 5}})
+    assert not run_sft(stopped, model, root / "sft.parquet", root / "ds").exists()
+    assert list((root / "ds" / "checkpoints").glob("sft-*/checkpoint_step00000005/ds"))  # DeepSpeed's own files
+    out = run_sft(TrainConfig.model_validate(ds), model, root / "sft.parquet", root / "ds")
+    lines = (root / "ds" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 10))  # resumed at 6
+    for a, b in zip(read_metrics(root / "full"), read_metrics(root / "ds")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    fsdp_sd = AutoModelForCausalLM.from_pretrained(full_run[0]).state_dict()
+    ds_sd = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(ds_sd) == set(fsdp_sd)
+    for name in fsdp_sd:
+        torch.testing.assert_close(ds_sd[name], fsdp_sd[name], atol=1e-3, rtol=1e-3, msg=name)

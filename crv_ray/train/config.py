@@ -33,9 +33,45 @@ class FSDPConfig(_Strict):
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Parameter dtype inside forward/backward: auto = bf16 on GPU, fp32 on CPU. "
         "Gradients are always reduced in fp32 and master weights stay fp32.")
-    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+    activation_checkpointing: Literal["off", "full", "selective"] = Field(
+        "off", description="Recompute decoder-layer activations in backward: off; full = every decoder layer; "
+        "selective = every activation_checkpointing_every-th layer (and, with activation_checkpointing_save_matmuls, "
+        "those layers keep their matmul outputs and recompute only the cheap ops). true/false of older configs "
+        "mean full/off.")
+    activation_checkpointing_every: int = Field(
+        2, ge=1, description="selective: checkpoint layers 0, k, 2k, ... (k = this); the others keep their "
+        "activations. 1 = every layer.")
+    activation_checkpointing_save_matmuls: bool = Field(
+        False, description="selective: inside a checkpointed layer keep the matmul/attention outputs (torch's "
+        "selective activation checkpointing policy) and recompute only norms, activations and the like.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters/grads/optimizer state in CPU memory "
                               "(FSDP2 CPUOffloadPolicy); only meaningful on GPU.")
+    load: Literal["sharded", "full"] = Field(
+        "sharded", description="How a sharded run loads the starting weights: sharded = build the model on the meta "
+        "device, shard it, then read only this rank's slices from the safetensors files (memory per rank is about "
+        "its shard, for students too big for one host's memory); full = every rank loads the whole model first. "
+        "LoRA runs and unsharded runs always load in full.")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _ac_bool(cls, v):
+        return {True: "full", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _ac_options_apply(self):
+        if self.activation_checkpointing != "selective" and (self.activation_checkpointing_every != 2
+                                                             or self.activation_checkpointing_save_matmuls):
+            raise ValueError("activation_checkpointing_every / activation_checkpointing_save_matmuls apply to "
+                             f"activation_checkpointing: selective (it is {self.activation_checkpointing!r})")
+        return self
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[2, 3] = Field(3, description="ZeRO stage: 3 partitions parameters, gradients and optimizer "
+                                      "state; 2 only gradients and optimizer state.")
+    offload: bool = Field(False, description="Keep optimizer state (and, with ZeRO-3, parameters) in CPU memory.")
+    bucket_size: int = Field(50_000_000, ge=1, description="Elements per gradient-reduction and parameter-prefetch "
+                             "bucket.")
 
 
 class LoRAConfig(_Strict):
@@ -69,6 +105,10 @@ class _StageConfig(_Strict):
         None, ge=1, description="With packing: cut each worker's rows of an optimizer step into micro-batches of at "
         "most this many tokens (a row longer than that goes alone); null = per_device_batch_size rows each. The "
         "step's rows and its loss are the same either way.")
+    kernels: Literal["none", "liger", "compile"] = Field(
+        "none", description="Fused kernels in the trained model's decoder: none; liger = Liger's Triton RMSNorm, "
+        "SwiGLU and RoPE (needs CUDA and the gpu extra; the LM head stays on the chunked log-prob path); compile = "
+        "torch.compile of each decoder layer's forward (CPU or GPU).")
     group_by_length: bool = Field(True, description="Build batches of similar length to waste less on padding.")
     length_group_window: int = Field(64, ge=1, description="Optimizer steps per window that is sorted by length "
                                      "(larger = less padding, less randomness).")
@@ -143,7 +183,14 @@ class TrainConfig(_Strict):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning stage.")
     cogpo: CogPOConfig = Field(default_factory=CogPOConfig, description="CogPO preference stage.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options.")
+    strategy: Literal["fsdp2", "deepspeed"] = Field(
+        "fsdp2", description="How the workers shard the model: fsdp2 (torch fully_shard; the `fsdp` section) or "
+        "deepspeed (ZeRO, the `deepspeed` section; needs the deepspeed extra). Losses, data, checkpoint cadence, "
+        "resume and export are the same; a checkpoint resumes only under the strategy that wrote it.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 sharding options; with strategy: "
+                             "deepspeed only mixed_precision and the activation_checkpointing fields apply.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed options "
+                                       "(strategy: deepspeed).")
     lora: LoRAConfig | None = Field(None, description="Train LoRA adapters (merged at export); null = full.")
     cogpo_variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -163,6 +210,20 @@ class TrainConfig(_Strict):
                 raise ValueError(f"cogpo_variants: {name!r} cannot name a variant (letters, digits, '_', '-', '.'; "
                                  f"not one of {RESERVED_MODEL_NAMES})")
         return v
+
+    @model_validator(mode="after")
+    def _deepspeed_supports(self):
+        if self.strategy == "deepspeed" and self.cogpo.reference == "online" and self.cogpo.uses_reference:
+            raise ValueError("cogpo.reference: online is not supported with strategy: deepspeed (use precomputed)")
+        return self
+
+    @model_validator(mode="after")
+    def _kernels_fit_the_device(self):
+        for stage in ("sft", "cogpo"):
+            if getattr(self, stage).kernels == "liger" and not self.scaling.use_gpu:
+                raise ValueError(f"{stage}.kernels: liger runs Triton kernels, which need CUDA: set "
+                                 "scaling.use_gpu: true, or kernels: compile / none on CPU")
+        return self
 
     @model_validator(mode="after")
     def _variants_valid(self):
@@ -191,12 +252,15 @@ def stage_hash(cfg: TrainConfig, stage: str, **inputs: str) -> str:
     """Hash of what determines a stage's result: its config, the shared parts and the input paths.
 
     `stop_after_steps` and `max_failures` are left out: they say when a run stops or restarts, not what it
-    computes, so a stopped or restarted run and its resumption share one run directory.
+    computes, so a stopped or restarted run and its resumption share one run directory; so is `fsdp.load` (how
+    the same starting weights are read).
     """
     stage_cfg = getattr(cfg, stage).model_dump(mode="json", exclude={"stop_after_steps", "max_failures"})
     payload = {
         "stage": stage, "stage_cfg": stage_cfg, "inputs": inputs,
-        "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json"),
+        "scaling": cfg.scaling.model_dump(mode="json"), "fsdp": cfg.fsdp.model_dump(mode="json", exclude={"load"}),
+        **({"strategy": cfg.strategy, "deepspeed": cfg.deepspeed.model_dump(mode="json")}
+           if cfg.strategy != "fsdp2" else {}),
         "lora": None if cfg.lora is None else cfg.lora.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

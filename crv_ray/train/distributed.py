@@ -109,6 +109,38 @@ def load_hf_model(model_dir: str | Path, lora: LoRAConfig | None = None, seed: i
     return model
 
 
+def meta_hf_model(model_dir: str | Path) -> nn.Module:
+    """The HF causal LM of `model_dir` with its parameters on the meta device (no memory, no init) and its buffers
+    (rotary frequencies) real, since a weights file does not hold the non-persistent ones."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+    lm.config.use_cache = False
+    return lm
+
+
+def load_sharded_weights(model: nn.Module, model_dir: str | Path, prefix: str = "lm.") -> None:
+    """Fill a sharded (FSDP2, materialised with `to_empty`) model from the safetensors files of `model_dir`, each
+    rank reading only the slices of its own shards (torch.distributed.checkpoint's Hugging Face reader, in place).
+    A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = {k.removeprefix(prefix): v for k, v in get_model_state_dict(model).items()}
+    lm = base_causal_lm(model.lm) if hasattr(model, "lm") else model
+    if getattr(lm.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding matrix itself: loaded under its own name
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(model_dir)))
+    except Exception as e:
+        raise RuntimeError(f"sharded load of {model_dir} failed ({type(e).__name__}: {str(e)[:500]}); the model's "
+                           "parameter names must be the safetensors keys. Set train.fsdp.load: full to load the "
+                           "whole model on each rank instead") from e
+
+
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(base_causal_lm(model), "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -118,23 +150,86 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective AC: keep what the matmuls and attention produced (the costly ops), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def apply_activation_checkpointing(lm: nn.Module, fsdp: FSDPConfig) -> None:
+    """Turn on the configured activation checkpointing in the HF decoder layers (their GradientCheckpointingLayer
+    wraps each layer's call, FSDP2's unshard hooks included, in non-reentrant torch.utils.checkpoint)."""
+    mode = fsdp.activation_checkpointing
+    if mode == "off":
+        return
+    kwargs: dict = {"use_reentrant": False}
+    every = 1
+    if mode == "selective":
+        every = fsdp.activation_checkpointing_every
+        if fsdp.activation_checkpointing_save_matmuls:
+            from functools import partial
+
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Every k-th decoder layer (set here rather than by transformers' every_n_layers, which older versions lack).
+    for i, layer in enumerate(_decoder_layers(lm)):
+        layer.gradient_checkpointing = i % every == 0
+
+
 def uses_cpu_offload(fsdp: FSDPConfig, dev: torch.device) -> bool:
     """FSDP2 keeps parameters, gradients and optimizer state on the host: GPU runs with `fsdp.cpu_offload` only."""
     return fsdp.enabled and fsdp.cpu_offload and dev.type == "cuda" and dist.is_initialized()
 
 
+def apply_kernels(lm: nn.Module, kernels: str, dev: torch.device) -> None:
+    """Swap in the configured fused kernels (see `_StageConfig.kernels`). The LM head is left alone: log-probs stay
+    on `chunked_token_logps` (Liger's fused linear cross entropy gives a loss, not per-token log-probs)."""
+    if kernels == "none":
+        return
+    if kernels == "liger":
+        if dev.type != "cuda":
+            raise RuntimeError(f"kernels: liger needs a CUDA device (Triton), this worker runs on {dev.type}: "
+                               "use kernels: compile or none on CPU")
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError as e:
+            raise RuntimeError("kernels: liger needs the liger-kernel package (pip install 'crv-ray[gpu]')") from e
+        _apply_liger_kernel_to_instance(model=base_causal_lm(lm), rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        return
+    if kernels == "compile":
+        # The layer's forward only: FSDP2's unshard hooks and HF's checkpoint wrapper stay outside the graph.
+        for layer in _decoder_layers(lm):
+            layer.forward = torch.compile(layer.forward)
+        return
+    raise ValueError(f"unknown kernels {kernels!r} (none, liger, compile)")
+
+
 def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None, chunk_size: int,
-                seed: int, trainable: bool = True) -> TokenLogps:
+                seed: int, trainable: bool = True, kernels: str = "none") -> TokenLogps:
     """Load, wrap in TokenLogps and shard with FSDP2: each decoder layer, then the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dev = device()
-    lm = load_hf_model(model_dir, lora if trainable else None, seed)
+    sharded_load = (fsdp.enabled and dist.is_initialized() and fsdp.load == "sharded"
+                    and (lora is None or not trainable))
+    lm = meta_hf_model(model_dir) if sharded_load else load_hf_model(model_dir, lora if trainable else None, seed)
     if not trainable:
         lm.requires_grad_(False)
         lm.eval()
-    if fsdp.activation_checkpointing and trainable:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainable:
+        apply_kernels(lm, kernels, dev)
+        apply_activation_checkpointing(lm, fsdp)
     model = TokenLogps(lm, chunk_size)
     if not fsdp.enabled or not dist.is_initialized():
         return model.to(dev)
@@ -146,11 +241,18 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     }
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        if not uses_cpu_offload(fsdp, dev):
+        if not uses_cpu_offload(fsdp, dev) and not sharded_load:
             model.to(dev)
     for layer in _decoder_layers(lm):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if sharded_load:
+        buffers = {name: buf for name, buf in model.named_buffers()}
+        model.to_empty(device="cpu" if uses_cpu_offload(fsdp, dev) else dev)  # this rank's shards only
+        for name, buf in buffers.items():  # to_empty left the (real) buffers uninitialised: put them back
+            module_name, _, buf_name = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[buf_name] = buf.to(dev)
+        load_sharded_weights(model, model_dir)
     if uses_cpu_offload(fsdp, dev):
         # FSDP2 moves only parameters; buffers (e.g. rotary inv_freq) must sit where the compute runs.
         for module in model.modules():

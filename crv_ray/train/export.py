@@ -83,10 +83,12 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], base_model_dir: str | Pat
 
 
 def export_model(model: nn.Module, base_model_dir: str | Path, out_dir: str | Path,
-                 lora: LoRAConfig | None = None) -> None:
-    """Gather the full weights to rank 0 and save them there; all ranks must call it."""
+                 lora: LoRAConfig | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Gather the full weights to rank 0 and save them there; all ranks must call it. `state_dict`: the full
+    weights already gathered (rank 0) by another strategy than FSDP2."""
     rank, _ = rank_and_world()
-    state_dict = full_state_dict(model)
+    if state_dict is None:
+        state_dict = full_state_dict(model)
     if rank == 0:
         save_hf_model(state_dict, base_model_dir, out_dir, lora)
     if dist.is_initialized():

@@ -78,12 +78,22 @@ class TrainLoop:
         self.steps_per_epoch = steps_per_epoch(len(self.rows), self.world, stage.per_device_batch_size,
                                                stage.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * stage.epochs
-        self.model = setup_model(self.model_dir, self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
-                                 stage.seed)
-        self.setup_extra()
-        self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
-        self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
-        state = load_latest_checkpoint(self.model, self.optimizer, self.scheduler)
+        self.engine = None  # the DeepSpeed engine under strategy: deepspeed (it is then also self.model)
+        if self.cfg.strategy == "deepspeed":
+            from crv_ray.train.deepspeed_strategy import load_latest_deepspeed_checkpoint, setup_deepspeed_engine
+
+            self.engine, self.optimizer = setup_deepspeed_engine(self.model_dir, self.cfg, stage)
+            self.model = self.engine
+            self.setup_extra()
+            self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
+            state = load_latest_deepspeed_checkpoint(self.engine, self.scheduler)
+        else:
+            self.model = setup_model(self.model_dir, self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
+                                     stage.seed, kernels=stage.kernels)
+            self.setup_extra()
+            self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
+            self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
+            state = load_latest_checkpoint(self.model, self.optimizer, self.scheduler)
         self.global_step = 0 if state is None else int(state["global_step"])
         if state is None:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
@@ -116,22 +126,31 @@ class TrainLoop:
                                                      stage.max_tokens_per_micro_batch, self.rank)
             else:
                 micro_batches = [micro[self.rank] for micro in step_plan]
-            for idx in micro_batches:
+            for i_micro, idx in enumerate(micro_batches):
                 weight = 1.0
                 if len(idx) == 0:  # fewer rows than micro-batches: a zero-weight batch keeps collectives matched
                     idx, weight = np.array([0]), 0.0
                 raw = self.rows.collate(idx, self.pad_id, packed=stage.packing)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
                 loss_sum, units = self.micro_loss(batch, weight)
-                # Mean over the step on all ranks; FSDP averages gradients over ranks, hence * world.
-                (loss_sum * (weight * self.world / denominator)).backward()
+                # Mean over the step on all ranks; FSDP and ZeRO average gradients over ranks, hence * world.
+                scaled = loss_sum * (weight * self.world / denominator)
+                if self.engine is not None:
+                    self.engine.set_gradient_accumulation_boundary(i_micro == len(micro_batches) - 1)
+                    self.engine.backward(scaled)
+                else:
+                    scaled.backward()
                 local += weight * np.array([loss_sum.item(), units, int(batch["attention_mask"].sum()),
                                             batch["input_ids"].numel()])
-            grad_norm = clip_grad_norm(model, stage.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            if self.engine is not None:
+                self.engine.step()  # clips to gradient_clipping, steps the optimizer, zeroes the gradients
+                grad_norm = float(self.engine.get_global_grad_norm())
+            else:
+                grad_norm = clip_grad_norm(model, stage.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
             step_sums = np.array(all_reduce_sum(local.tolist()))
             maybe_inject_failure(self.out_dir, self.rank, self.global_step)
@@ -159,12 +178,24 @@ class TrainLoop:
         return True
 
     def _save(self, metrics: dict) -> None:
+        if self.engine is not None:
+            from crv_ray.train.deepspeed_strategy import save_deepspeed_checkpoint
+
+            save_deepspeed_checkpoint(self.engine, self.scheduler,
+                                      {"global_step": self.global_step, "config_hash": self.run["config_hash"]},
+                                      {"step": self.global_step, **metrics})
+            return
         save_checkpoint(self.model, self.optimizer, self.scheduler,
                         {"global_step": self.global_step, "config_hash": self.run["config_hash"]},
                         {"step": self.global_step, **metrics})
 
     def export(self) -> None:
-        export_model(self.model, self.model_dir, stage_model(self.out_dir), self.cfg.lora)
+        state_dict = None
+        if self.engine is not None:
+            from crv_ray.train.deepspeed_strategy import deepspeed_full_state_dict
+
+            state_dict = deepspeed_full_state_dict(self.engine)
+        export_model(self.model, self.model_dir, stage_model(self.out_dir), self.cfg.lora, state_dict)
 
     def cleanup(self) -> None:
         self.logger.close()
