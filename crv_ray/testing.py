@@ -117,3 +117,22 @@ def counted_replies(stage: str, row: dict, messages: list[dict]) -> str:
 
     ray.get(ray.get_actor(CALL_LOG).add.remote(stage, row["problem_id"]))
     return tagged_replies(stage, row, messages)
+
+
+# Multi-node tests: each node's `ray start` sets these for the Ray workers it starts (they inherit its environment).
+NODE_LOG_ENV = "CRV_RAY_TEST_NODE_LOG"  # a file: one line per scripted call made on that node
+CRITIC_DELAY_ENV = "CRV_RAY_TEST_CRITIC_DELAY_S"  # seconds each critic call on that node takes: a slow node
+
+
+def node_logged_replies(stage: str, row: dict, messages: list[dict]) -> str:
+    """`tagged_replies`, appending "stage<TAB>problem_id" to the node's CRV_RAY_TEST_NODE_LOG file before replying
+    (so a call in progress is visible), and sleeping CRV_RAY_TEST_CRITIC_DELAY_S in critic calls."""
+    import os
+
+    path = os.environ.get(NODE_LOG_ENV)
+    if path:
+        with open(path, "a") as f:  # one short append per call: lines of concurrent workers do not interleave
+            f.write(f"{stage}\t{row['problem_id']}\n")
+    if stage.startswith("critic"):
+        time.sleep(float(os.environ.get(CRITIC_DELAY_ENV) or 0))
+    return tagged_replies(stage, row, messages)

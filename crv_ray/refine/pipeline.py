@@ -286,9 +286,17 @@ def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, column
 
 # ------------------------------------------------------------------ the two execution modes
 def _read(files: list[Path], schema: pa.Schema):
+    """The shards' rows, one block (one task) per shard file. `ray.data.read_parquet` rolls small files into one
+    read task, and every stage fused behind it would then run on one node of a multi-node cluster; per shard, the
+    tasks spread over the nodes (Ray Data's default SPREAD strategy)."""
+    import pyarrow.parquet as pq
     import ray
 
-    return ray.data.read_parquet([str(f) for f in files], schema=schema, shuffle=None)
+    def read(batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in batch.column("file").to_pylist()])
+
+    return ray.data.from_items([{"file": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
+        read, batch_size=1, batch_format="pyarrow")
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],

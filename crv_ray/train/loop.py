@@ -21,7 +21,7 @@ from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, maybe_inject_failure,
                                        peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
-                                       setup_scheduler, uses_cpu_offload)
+                                       setup_scheduler, uses_cpu_offload, worker_node_count)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
 
@@ -85,6 +85,7 @@ class TrainLoop:
         if state is None:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
         self.pad_id = int(self.run["pad_id"])
+        self.nodes = worker_node_count()
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, resumed=state is not None)
         self._plans: dict[int, list] = {}
 
@@ -140,6 +141,7 @@ class TrainLoop:
                 metrics = {"loss": step_sums[0] / max(step_sums[1], 1), "lr": lr, "grad_norm": grad_norm,
                            "epoch": epoch, "tokens_per_s": window[0] / max(elapsed, 1e-9),
                            "padding_fraction": 1 - window[0] / max(window[1], 1), "peak_memory_mb": peak_memory_mb(),
+                           "nodes": self.nodes,
                            **self.window_metrics()}
                 metrics = {k: float(v) for k, v in metrics.items()}
                 self.logger.log(self.global_step, metrics)
