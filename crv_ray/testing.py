@@ -121,18 +121,19 @@ def counted_replies(stage: str, row: dict, messages: list[dict]) -> str:
 
 # Multi-node tests: each node's `ray start` sets these for the Ray workers it starts (they inherit its environment).
 NODE_LOG_ENV = "CRV_RAY_TEST_NODE_LOG"  # a file: one line per scripted call made on that node
-CRITIC_DELAY_ENV = "CRV_RAY_TEST_CRITIC_DELAY_S"  # seconds each critic call on that node takes: a slow node
+HOLD_CRITIC_ENV = "CRV_RAY_TEST_HOLD_CRITIC"  # "1": critic calls on that node never return (until it is killed)
 
 
 def node_logged_replies(stage: str, row: dict, messages: list[dict]) -> str:
     """`tagged_replies`, appending "stage<TAB>problem_id" to the node's CRV_RAY_TEST_NODE_LOG file before replying
-    (so a call in progress is visible), and sleeping CRV_RAY_TEST_CRITIC_DELAY_S in critic calls."""
+    (so a call in progress is visible); on a node with CRV_RAY_TEST_HOLD_CRITIC=1 critic calls hang, so that node
+    holds its rows until a test kills it."""
     import os
 
     path = os.environ.get(NODE_LOG_ENV)
     if path:
         with open(path, "a") as f:  # one short append per call: lines of concurrent workers do not interleave
             f.write(f"{stage}\t{row['problem_id']}\n")
-    if stage.startswith("critic"):
-        time.sleep(float(os.environ.get(CRITIC_DELAY_ENV) or 0))
+    while stage.startswith("critic") and os.environ.get(HOLD_CRITIC_ENV) == "1":
+        time.sleep(1)
     return tagged_replies(stage, row, messages)

@@ -270,7 +270,9 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
 
 
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, columns: list[str]) -> None:
-    batches = iterate_with_watchdog(ds.iter_batches(batch_size=16, batch_format="pyarrow"),
+    # Whole blocks as Ray Data finishes them: a fixed batch size held finished rows back until more rows arrived,
+    # so a done shard waited for other shards' slow rows (or a node that died holding them) before it committed.
+    batches = iterate_with_watchdog(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
                                     cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
     bar = Progress(what, sum(collector.expected.values()), unit="problems")
     with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray.train
 import torch
 
 from crv_ray.run_paths import stage_model
@@ -147,10 +146,11 @@ class TrainLoop:
                 self.logger.log(self.global_step, metrics)
                 window[:] = 0
             stop = stage.stop_after_steps is not None and self.global_step >= stage.stop_after_steps
+            # Only checkpoints are reported to Ray Train; metrics go to metrics.jsonl (rank 0). Ray Train 2.60 takes
+            # one report per controller poll (2 s; its result queue holds one): a report every step capped training
+            # at 0.5 steps/s.
             if self.global_step % stage.checkpoint_every_steps == 0 or stop or self.global_step == self.total_steps:
                 self._save(metrics or {})
-            elif metrics is not None:
-                ray.train.report({"step": self.global_step, **metrics})
             if metrics is not None:
                 t_last = time.perf_counter()  # checkpoint time is not training throughput
             if stop and self.global_step < self.total_steps:

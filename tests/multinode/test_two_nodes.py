@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from crv_ray.testing import CRITIC_DELAY_ENV, NODE_LOG_ENV
+from crv_ray.testing import HOLD_CRITIC_ENV, NODE_LOG_ENV
 from local_cluster import LocalCluster  # tests/multinode/local_cluster.py
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,12 @@ PROBLEMS = [{"id": f"p{i}", "problem": f"[label={('easy', 'medium', 'hard')[i % 
              "answer": str(2 * i + 2), "cot": COT.format(a=i, b=i + 2, s=2 * i + 2)} for i in range(8)]
 BAD_LINES = ['{"id": "broken", "problem": ', json.dumps({"id": "noanswer", "problem": "x", "cot": "y"})]
 IDS = [p["id"] for p in PROBLEMS]
-SFT = {"epochs": 4, "lr": 1.0e-2, "max_length": 256, "max_prompt_length": 128, "per_device_batch_size": 1,
-       "grad_accum_steps": 1, "checkpoint_every_steps": 2, "keep_last_checkpoints": 2, "seed": 3}
+# 8 rows on 2 workers: 4 steps per epoch, 24 steps. Ray Train registers a checkpoint at its controller's next poll
+# (every 2 s), so with one every 4 steps the run lasts at least 5 polls after the first one is registered: a kill
+# made then always lands mid-training.
+SFT = {"epochs": 6, "lr": 1.0e-2, "max_length": 256, "max_prompt_length": 128, "per_device_batch_size": 1,
+       "grad_accum_steps": 1, "checkpoint_every_steps": 4, "keep_last_checkpoints": 2, "seed": 3}
+STEPS = 24
 
 
 # ------------------------------------------------------------------ storage (a local folder or a URI)
@@ -73,6 +77,24 @@ def metrics(stage_uri: str) -> list[dict]:
     return [json.loads(x) for x in read_text(uri).splitlines()] if exists(uri) else []
 
 
+def registered_checkpoints(stage_uri: str) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (its snapshot in the run's storage folder):
+    the ones a restart can resume from."""
+    fs, path = _fs(f"{stage_uri}/checkpoints")
+    if not exists(f"{stage_uri}/checkpoints"):
+        return []
+    steps = []
+    for run in fs.get_file_info(pyarrow.fs.FileSelector(path)):
+        snapshot = f"{stage_uri}/checkpoints/{run.base_name}/checkpoint_manager_snapshot.json"
+        if exists(snapshot):
+            try:
+                results = json.loads(read_text(snapshot))["checkpoint_results"]
+            except ValueError:  # caught mid-write
+                continue
+            steps += [int(r["metrics"]["step"]) for r in results]
+    return sorted(steps)
+
+
 def last_per_step(lines: list[dict]) -> list[dict]:
     by_step = {m["step"]: m for m in lines}
     return [by_step[s] for s in sorted(by_step)]
@@ -92,21 +114,21 @@ class Nodes:
         self.cluster.start_head(NODE_CPUS, env={NODE_LOG_ENV: str(self.logs / "head.log")})
         self.add_worker()
 
-    def add_worker(self, critic_delay_s: float = 0.0) -> None:
+    def add_worker(self, hold_critic: bool = False) -> None:
         self.workers += 1
         self.worker = f"worker-{self.workers}"
         self.cluster.add_node(self.worker, NODE_CPUS, env={NODE_LOG_ENV: str(self.logs / f"{self.worker}.log"),
-                                                           CRITIC_DELAY_ENV: str(critic_delay_s)})
+                                                           HOLD_CRITIC_ENV: "1" if hold_critic else "0"})
 
     def calls(self, node: str) -> list[tuple[str, str]]:
         path = self.logs / f"{node}.log"
         return [tuple(x.split("\t")) for x in path.read_text().splitlines()] if path.exists() else []
 
-    def replace_worker(self, critic_delay_s: float = 0.0) -> str:
+    def replace_worker(self, hold_critic: bool = False) -> str:
         """Kill the current worker node (SIGKILL to all its processes, as a node dies) and add a fresh one."""
         killed = self.worker
         self.cluster.kill_node(killed)
-        self.add_worker(critic_delay_s)
+        self.add_worker(hold_critic)
         return killed
 
 
@@ -218,7 +240,7 @@ def test_refine_and_sft_use_both_nodes(plain_run, nodes):
     assert out["manifest"]["shards"]["total"] == 5
     # SFT: every step ran on a worker group spanning two nodes, and it learned.
     steps = last_per_step(metrics(f"{run_dir}/sft"))
-    assert [m["step"] for m in steps] == list(range(1, 17))  # 8 rows / 2 workers = 4 steps per epoch, 4 epochs
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
     assert all(m["nodes"] == 2 for m in steps), [m["nodes"] for m in steps]
     assert steps[-1]["loss"] < 0.7 * steps[0]["loss"]
     assert exists(f"{run_dir}/sft/model/crv_ray_train.json")
@@ -235,16 +257,16 @@ def test_worker_node_killed_mid_refine_and_mid_sft(plain_run, nodes, run_root, c
     log = tmp_path / "driver.log"
     done_dir = f"{run_dir}/refine/_work/done"
 
-    # Refine: the worker node is slow (each critic call takes 5 s there), so it still holds rows when the head's
-    # shards commit.
-    nodes.replace_worker(critic_delay_s=5.0)
-    slow = nodes.worker
+    # Refine: the worker node's critic calls hang, so it holds its shards' rows while the head's shards commit.
+    nodes.replace_worker(hold_critic=True)
+    holding = nodes.worker
     proc = start_driver(["refine", str(config)], cluster_env, log)
-    wait_for("shard committed while the slow node works",
-             lambda: count_files(done_dir, ".json") >= 1 and any(s.startswith("critic") for s, _ in nodes.calls(slow)),
+    wait_for("a shard committed while the worker node holds rows",
+             lambda: count_files(done_dir, ".json") >= 1 and any(s.startswith("critic") for s, _ in nodes.calls(holding)),
              proc, log)
-    committed = {i.base_name: read_text(f"{done_dir}/{i.base_name}") for i in
-                 _fs(done_dir)[0].get_file_info(pyarrow.fs.FileSelector(_fs(done_dir)[1]))}
+    fs, done_path = _fs(done_dir)
+    committed = {i.base_name: read_text(f"{done_dir}/{i.base_name}")
+                 for i in fs.get_file_info(pyarrow.fs.FileSelector(done_path)) if i.base_name.endswith(".json")}
     nodes.replace_worker()
     rc = finish(proc, log, nodes)
     if rc != 0:  # the run failed with the node: the rerun resumes from the shards committed before
@@ -259,26 +281,28 @@ def test_worker_node_killed_mid_refine_and_mid_sft(plain_run, nodes, run_root, c
     assert comparable(out["sft"]) == comparable(plain["sft"])
     assert comparable(out["pairs"]) == comparable(plain["pairs"])
 
-    # SFT: kill the worker node once step 5 is logged (checkpoints at steps 2 and 4).
+    # SFT: kill the worker node as soon as Ray Train has registered a checkpoint.
     sft_dir = f"{run_dir}/sft"
     proc = start_driver(["train", "sft", str(config)], cluster_env, log)
-    wait_for("step 5 of SFT", lambda: any(m["step"] >= 5 for m in metrics(sft_dir)), proc, log, timeout_s=240)
-    killed_at = max(m["step"] for m in metrics(sft_dir))
+    wait_for("a registered SFT checkpoint", lambda: registered_checkpoints(sft_dir), proc, log, timeout_s=240)
+    registered = registered_checkpoints(sft_dir)
     nodes.replace_worker()
     assert finish(proc, log, nodes) == 0, log.read_text()[-4000:]
     lines = metrics(sft_dir)
     steps = [m["step"] for m in lines]
-    # Restarted from a checkpoint (an even step > 0), not from scratch: the steps after it were run again.
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    # Restarted from a checkpoint at least as late as the one registered before the kill, not from scratch: the
+    # steps after it were run again, each once more.
+    restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+    assert restart is not None, f"no restart in {steps}"
     resumed_from = steps[restart] - 1
-    assert resumed_from in (2, 4, 6, 8) and resumed_from <= killed_at < 16, (steps, killed_at)
-    assert steps == list(range(1, steps[restart - 1] + 1)) + list(range(resumed_from + 1, 17)), steps
+    assert resumed_from % SFT["checkpoint_every_steps"] == 0 and max(registered) <= resumed_from, (steps, registered)
+    assert steps == list(range(1, steps[restart - 1] + 1)) + list(range(resumed_from + 1, STEPS + 1)), steps
     final, reference = last_per_step(lines), last_per_step(metrics(f"{plain_dir}/sft"))
-    assert [m["step"] for m in final] == list(range(1, 17))
+    assert [m["step"] for m in final] == list(range(1, STEPS + 1))
     assert all(m["nodes"] == 2 for m in lines), [m["nodes"] for m in lines]
     for a, b in zip(reference, final):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]
     assert exists(f"{sft_dir}/model/crv_ray_train.json")
     print(f"refine: {len(committed)} shard(s) committed before the kill, "
-          f"{'completed in the run' if rc == 0 else 'resumed by a rerun'}; sft: killed at step {killed_at}, "
-          f"resumed from {resumed_from}")
+          f"{'completed in the run' if rc == 0 else 'resumed by a rerun'}; sft: checkpoints {registered} registered "
+          f"at the kill, killed after step {steps[restart - 1]}, resumed from step {resumed_from}")
