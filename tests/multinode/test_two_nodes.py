@@ -114,21 +114,25 @@ class Nodes:
         self.cluster.start_head(NODE_CPUS, env={NODE_LOG_ENV: str(self.logs / "head.log")})
         self.add_worker()
 
-    def add_worker(self, hold_critic: bool = False) -> None:
+    def add_worker(self) -> None:
         self.workers += 1
         self.worker = f"worker-{self.workers}"
         self.cluster.add_node(self.worker, NODE_CPUS, env={NODE_LOG_ENV: str(self.logs / f"{self.worker}.log"),
-                                                           HOLD_CRITIC_ENV: "1" if hold_critic else "0"})
+                                                           HOLD_CRITIC_ENV: str(self.hold_file(self.worker))})
+
+    def hold_file(self, node: str) -> Path:
+        """While it exists, the node's critic calls do not return (crv_ray.testing.node_logged_replies)."""
+        return self.logs / f"{node}.hold"
 
     def calls(self, node: str) -> list[tuple[str, str]]:
         path = self.logs / f"{node}.log"
         return [tuple(x.split("\t")) for x in path.read_text().splitlines()] if path.exists() else []
 
-    def replace_worker(self, hold_critic: bool = False) -> str:
+    def replace_worker(self) -> str:
         """Kill the current worker node (SIGKILL to all its processes, as a node dies) and add a fresh one."""
         killed = self.worker
         self.cluster.kill_node(killed)
-        self.add_worker(hold_critic)
+        self.add_worker()
         return killed
 
 
@@ -246,6 +250,19 @@ def test_refine_and_sft_use_both_nodes(plain_run, nodes):
     assert exists(f"{run_dir}/sft/model/crv_ray_train.json")
 
 
+def test_a_worker_no_node_can_hold_fails_at_once(plain_run, nodes, cluster_env, tmp_path):
+    """The cluster has 6 CPUs in all, but a 4-CPU training worker fits on neither node: refused with the numbers
+    (Ray Train would wait for its placement group without end)."""
+    run_dir, _ = plain_run
+    config = write_config(tmp_path, run_dir, nodes.cluster.address)
+    log = tmp_path / "driver.log"
+    proc = start_driver(["train", "sft", str(config), "--set", "train.scaling.num_workers=1",
+                         "--set", "train.scaling.cpus_per_worker=4"], cluster_env, log)
+    assert finish(proc, log, nodes, timeout_s=120) != 0
+    assert ("the training workers do not fit the Ray cluster: each needs CPU 4 on one node, and no node of the 2 "
+            "has that (at most CPU 3) (no autoscaler") in log.read_text(), log.read_text()[-3000:]
+
+
 def test_worker_node_killed_mid_refine_and_mid_sft(plain_run, nodes, run_root, cluster_env, tmp_path):
     """The worker node dies (all its processes SIGKILLed) while it holds refine rows, and again while it runs a
     training worker; each time a fresh node joins. Refine ends with every row once and its committed shards kept
@@ -258,12 +275,16 @@ def test_worker_node_killed_mid_refine_and_mid_sft(plain_run, nodes, run_root, c
     done_dir = f"{run_dir}/refine/_work/done"
 
     # Refine: the worker node's critic calls hang, so it holds its shards' rows while the head's shards commit.
-    nodes.replace_worker(hold_critic=True)
     holding = nodes.worker
+    nodes.hold_file(holding).touch()
+    before = len(nodes.calls(holding))  # the calls of the plain run
+
+    def holds_rows_and_a_shard_committed() -> bool:
+        held = [s for s, _ in nodes.calls(holding)[before:] if s.startswith("critic")]
+        return bool(held) and count_files(done_dir, ".json") >= 1
+
     proc = start_driver(["refine", str(config)], cluster_env, log)
-    wait_for("a shard committed while the worker node holds rows",
-             lambda: count_files(done_dir, ".json") >= 1 and any(s.startswith("critic") for s, _ in nodes.calls(holding)),
-             proc, log)
+    wait_for("a shard committed while the worker node holds rows", holds_rows_and_a_shard_committed, proc, log)
     fs, done_path = _fs(done_dir)
     committed = {i.base_name: read_text(f"{done_dir}/{i.base_name}")
                  for i in fs.get_file_info(pyarrow.fs.FileSelector(done_path)) if i.base_name.endswith(".json")}
