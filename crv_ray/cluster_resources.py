@@ -98,6 +98,18 @@ def decide(need: dict[str, float], have: dict[str, float], growth: Growth,
     return Decision("wait", short, numbers)
 
 
+def fits_one_node(shape: dict[str, float], nodes: list[dict[str, float]]) -> bool:
+    """Whether some node has every resource of `shape` (one actor's resources, which Ray places on one node)."""
+    return any(all(node.get(k, 0.0) + EPS >= v for k, v in shape.items() if v > 0) for node in nodes)
+
+
+def describe_shape(shape: dict[str, float], nodes: list[dict[str, float]]) -> str:
+    """'CPU 4' needed together vs 'CPU 3' at most on one node: what a cluster's totals do not show."""
+    wanted = ", ".join(f"{k} {v:g}" for k, v in shape.items() if v > 0)
+    largest = ", ".join(f"{k} {max((n.get(k, 0.0) for n in nodes), default=0.0):g}" for k, v in shape.items() if v > 0)
+    return f"each needs {wanted} on one node, and no node of the {len(nodes)} has that (at most {largest})"
+
+
 def bundles_for(need: dict[str, float]) -> list[dict[str, float]]:
     """Shapes to ask the autoscaler for: one {"GPU": 1} per GPU and one {"CPU": 1} per (started) CPU.
 
@@ -135,6 +147,13 @@ def current_resources() -> dict[str, float]:
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Each alive node's logical resources (totals, not what is free now)."""
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
 
 
 def _v1_report() -> dict | None:
@@ -228,8 +247,13 @@ def ensure(need: dict[str, float], *, subject: str, what: dict[str, str] | None 
            hint: str = "", error: type[Exception] = ClusterTooSmall,
            read_have: Callable[[], dict[str, float]] = current_resources,
            read_growth: Callable[[], Growth] = growth, poll_s: float = 1.0,
-           progress_every_s: float = PROGRESS_EVERY_S) -> dict[str, float]:
+           progress_every_s: float = PROGRESS_EVERY_S, shape: dict[str, float] | None = None,
+           read_nodes: Callable[[], list[dict[str, float]]] = node_resources) -> dict[str, float]:
     """Return once the cluster has `need` (logical CPU/GPU totals) for `subject` (plural: "the engine pools").
+
+    `shape`: what one of them (a training worker) holds, all on one node. On a multi-node cluster the totals can
+    suffice while no single node has the shape; without an autoscaler that fails at once too (Ray would wait for it
+    forever). With one, a bigger node type may be added: the pending actors ask for it.
 
     Short of it: fail at once when the cluster cannot grow, else ask the autoscaler for room for all of `need` (a
     request is about the cluster's size, not its free part) and wait up to `timeout_s`, printing a progress line
@@ -241,6 +265,11 @@ def ensure(need: dict[str, float], *, subject: str, what: dict[str, str] | None 
     g = replace(read_growth(), infeasible=[]) if shortfall(need, have) else Growth()
     d = decide(need, have, g, what)
     if d.action == "ok":
+        if shape is not None:  # the totals are there; a node for one of them may not be
+            nodes = read_nodes()
+            if nodes and not fits_one_node(shape, nodes) and not read_growth().can_grow:
+                raise error(f"{subject} do not fit the Ray cluster: {describe_shape(shape, nodes)} (no autoscaler: "
+                            "the cluster cannot grow)" + (f"; {hint}" if hint else ""))
         return have
     if d.action == "fail":
         raise error(f"{subject} do not fit the Ray cluster: {d.message}" + (f"; {hint}" if hint else ""))

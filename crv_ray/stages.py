@@ -98,9 +98,10 @@ def _check_train_resources(cfg: RunConfig) -> None:
     from crv_ray.train.api import worker_resources
 
     n = cfg.train.scaling.num_workers
-    need = {k: v * n for k, v in worker_resources(cfg.train).items()}
+    shape = worker_resources(cfg.train)
+    need = {k: v * n for k, v in shape.items()}
     ensure(need, subject="the training workers", what={k: f"{n} worker(s) (train.scaling)" for k in need},
-           timeout_s=cfg.ray.autoscale_timeout_s,
+           timeout_s=cfg.ray.autoscale_timeout_s, shape=shape,
            hint="lower train.scaling.num_workers or cpus_per_worker, or use a bigger cluster")
 
 

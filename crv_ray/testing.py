@@ -175,3 +175,24 @@ class S3Server:
             except Exception:
                 self._proc.kill()
         self._proc = None
+
+
+# Multi-node tests: each node's `ray start` sets these for the Ray workers it starts (they inherit its environment).
+NODE_LOG_ENV = "CRV_RAY_TEST_NODE_LOG"  # a file: one line per scripted call made on that node
+HOLD_CRITIC_ENV = "CRV_RAY_TEST_HOLD_CRITIC"  # a file: while it exists, critic calls on that node do not return
+
+
+def node_logged_replies(stage: str, row: dict, messages: list[dict]) -> str:
+    """`tagged_replies`, appending "stage<TAB>problem_id" to the node's CRV_RAY_TEST_NODE_LOG file before replying
+    (so a call in progress is visible); while the node's CRV_RAY_TEST_HOLD_CRITIC file exists, its critic calls
+    wait, so that node holds its rows (until a test kills it)."""
+    import os
+
+    path = os.environ.get(NODE_LOG_ENV)
+    if path:
+        with open(path, "a") as f:  # one short append per call: lines of concurrent workers do not interleave
+            f.write(f"{stage}\t{row['problem_id']}\n")
+    hold = os.environ.get(HOLD_CRITIC_ENV)
+    while stage.startswith("critic") and hold and os.path.exists(hold):
+        time.sleep(0.5)
+    return tagged_replies(stage, row, messages)

@@ -320,6 +320,8 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
 
 
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema: pa.Schema) -> None:
+    # Whole blocks as Ray Data finishes them: a fixed batch size held finished rows back until more rows arrived,
+    # so a done shard waited for other shards' slow rows (or a node that died holding them) before it committed.
     ds = ds.map_batches(spill_rows, fn_kwargs={"schema": schema, "spill_dir": str(collector.spill_dir)},
                         batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.1)
     batches = iterate_with_watchdog(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
@@ -337,9 +339,16 @@ def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema
 
 # ------------------------------------------------------------------ the two execution modes
 def _read(files: list[AnyPath], schema: pa.Schema):
+    """The shards' rows, one block (one task) per shard file. `ray.data.read_parquet` rolls small files into one
+    read task, and every stage fused behind it would then run on one node of a multi-node cluster; per shard, the
+    tasks spread over the nodes (Ray Data's default SPREAD strategy)."""
     import ray
 
-    return ray.data.read_parquet(**storage.ray_paths(files), schema=schema, shuffle=None)
+    def read(batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([storage.read_table(f).cast(schema) for f in batch.column("file").to_pylist()])
+
+    return ray.data.from_items([{"file": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
+        read, batch_size=1, batch_format="pyarrow")
 
 
 def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shards: list[dict],

@@ -119,7 +119,8 @@ class _StageConfig(_Strict):
     max_failures: int = Field(2, ge=-1, description="Times Ray Train restarts a failed worker group (a worker "
                               "process or node died); each restart resumes from the latest checkpoint (-1 = no "
                               "limit, 0 = fail the run at the first worker failure). Not part of the config hash.")
-    log_every_steps: int = Field(1, ge=1, description="Report metrics every N optimizer steps.")
+    log_every_steps: int = Field(1, ge=1, description="Write metrics (metrics.jsonl, TensorBoard) every N optimizer "
+                                 "steps.")
     logprob_chunk_size: int = Field(1024, ge=1, description="Tokens per chunk when projecting hidden states to "
                                     "vocab log-probs (bounds the [tokens, vocab] logits memory).")
     stop_after_steps: int | None = Field(None, ge=1, description="Stop (after checkpointing) once this many "

@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -307,6 +308,23 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def worker_node_count() -> int:
+    """How many Ray nodes the worker group spans (a collective: every rank calls it). Logged with each step, so
+    metrics.jsonl shows where a multi-node run really ran, also after a restart on other nodes."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray (torchrun, benchmarks)
+        node = None
+    node = node or socket.gethostname()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def peak_memory_mb() -> float:

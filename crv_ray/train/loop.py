@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import ray.train
 import torch
 
 from crv_ray import storage
@@ -21,7 +20,7 @@ from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
 from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, maybe_inject_failure,
                                        peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
-                                       setup_scheduler, uses_cpu_offload)
+                                       setup_scheduler, uses_cpu_offload, worker_node_count)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels
 
@@ -98,6 +97,7 @@ class TrainLoop:
         if state is None:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
         self.pad_id = int(self.run["pad_id"])
+        self.nodes = worker_node_count()
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, resumed=state is not None)
         self._plans: dict[int, list] = {}
 
@@ -162,15 +162,17 @@ class TrainLoop:
                 metrics = {"loss": step_sums[0] / max(step_sums[1], 1), "lr": lr, "grad_norm": grad_norm,
                            "epoch": epoch, "tokens_per_s": window[0] / max(elapsed, 1e-9),
                            "padding_fraction": 1 - window[0] / max(window[1], 1), "peak_memory_mb": peak_memory_mb(),
+                           "nodes": self.nodes,
                            **self.window_metrics()}
                 metrics = {k: float(v) for k, v in metrics.items()}
                 self.logger.log(self.global_step, metrics)
                 window[:] = 0
             stop = stage.stop_after_steps is not None and self.global_step >= stage.stop_after_steps
+            # Only checkpoints are reported to Ray Train; metrics go to metrics.jsonl (rank 0). Ray Train 2.60 takes
+            # one report per controller poll (2 s; its result queue holds one): a report every step capped training
+            # at 0.5 steps/s.
             if self.global_step % stage.checkpoint_every_steps == 0 or stop or self.global_step == self.total_steps:
                 self._save(metrics or {})
-            elif metrics is not None:
-                ray.train.report({"step": self.global_step, **metrics})
             if metrics is not None:
                 t_last = time.perf_counter()  # checkpoint time is not training throughput
             if stop and self.global_step < self.total_steps:

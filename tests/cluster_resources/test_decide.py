@@ -123,6 +123,22 @@ def test_ensure_stops_waiting_when_the_autoscaler_says_no_node_type_fits(fake):
     assert f.requests == [[{"GPU": 1.0}, {"CPU": 1.0}], []]
 
 
+def test_a_worker_that_fits_no_single_node_fails_at_once(fake):
+    """Two 3-CPU nodes have 6 CPUs, but no 4-CPU training worker fits on either: Ray would wait forever."""
+    nodes = [{"CPU": 3.0, "memory": 1e9}, {"CPU": 3.0}]
+    f = fake([{"CPU": 6}], Growth())
+    with pytest.raises(ClusterTooSmall, match=r"^the training workers do not fit the Ray cluster: each needs CPU 4 on "
+                       r"one node, and no node of the 2 has that \(at most CPU 3\) \(no autoscaler"):
+        ensure({"CPU": 4}, subject="the training workers", timeout_s=60, read_have=f.have, read_growth=f.growth,
+               shape={"CPU": 4, "GPU": 0}, read_nodes=lambda: nodes)
+    # One per node fits (the totals decide the rest); an autoscaler may add a bigger node type.
+    assert ensure({"CPU": 6}, subject="w", timeout_s=60, read_have=f.have, read_growth=f.growth,
+                  shape={"CPU": 3}, read_nodes=lambda: nodes) == {"CPU": 6}
+    f = fake([{"CPU": 6}], Growth("v1"))
+    assert ensure({"CPU": 4}, subject="w", timeout_s=60, read_have=f.have, read_growth=f.growth,
+                  shape={"CPU": 4}, read_nodes=lambda: nodes) == {"CPU": 6}
+
+
 def test_gpu_pool_resolution(monkeypatch):
     """use_gpu null asks for GPUs when the cluster has them now or an autoscaler may add them."""
     from crv_ray.config import VLLMEngineConfig
