@@ -322,8 +322,10 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema: pa.Schema) -> None:
     # Whole blocks as Ray Data finishes them: a fixed batch size held finished rows back until more rows arrived,
     # so a done shard waited for other shards' slow rows (or a node that died holding them) before it committed.
+    # Default task resources, so Ray Data fuses it into the last stage's tasks: a separate operator with its own
+    # (smaller) CPU share starved behind tasks hung on a lost node (tests/multinode).
     ds = ds.map_batches(spill_rows, fn_kwargs={"schema": schema, "spill_dir": str(collector.spill_dir)},
-                        batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=0.1)
+                        batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     batches = iterate_with_watchdog(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
                                     cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
     bar = Progress(what, sum(collector.expected.values()), unit="problems")

@@ -6,17 +6,15 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def run_root(tmp_path_factory) -> str:
-    """The folder or URI under which each test's run_dir goes, as the drivers and every node see it.
-
-    A local folder today (the "nodes" share this machine's disk). For object storage: take the session's
-    `s3_server` fixture and return `s3_server.uri("multinode")`; the tests read outputs through `_fs` in
-    test_two_nodes.py (pyarrow.fs.FileSystem.from_uri, which reads AWS_ENDPOINT_URL; or crv_ray.storage.resolve)."""
-    return str(tmp_path_factory.mktemp("multinode"))
+def run_root(s3_server) -> str:
+    """The URI under which each test's run_dir goes, as the drivers and every node see it: a bucket on the local S3
+    API server (moto), as on a multi-node cluster without a shared disk. The tests read outputs through `_fs` in
+    test_two_nodes.py (crv_ray.storage.resolve)."""
+    return s3_server.uri("multinode")
 
 
 @pytest.fixture(scope="module")
-def cluster_env() -> dict[str, str]:
-    """Extra environment for every node of the cluster and every driver: for S3, `s3_server.env` (the nodes' Ray
+def cluster_env(s3_server) -> dict[str, str]:
+    """Extra environment for every node of the cluster and every driver: the S3 endpoint and keys (the nodes' Ray
     workers inherit it from their `ray start`, the `crv-ray` drivers from this)."""
-    return {}
+    return dict(s3_server.env)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from crv_ray import storage
 from crv_ray.testing import HOLD_CRITIC_ENV, NODE_LOG_ENV
 from local_cluster import LocalCluster  # tests/multinode/local_cluster.py
 
@@ -43,9 +44,9 @@ SFT = {"epochs": 6, "lr": 1.0e-2, "max_length": 256, "max_prompt_length": 128, "
 STEPS = 24
 
 
-# ------------------------------------------------------------------ storage (a local folder or a URI)
+# ------------------------------------------------------------------ storage (the run_dir URI on the S3 server)
 def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(uri)
+    return storage.resolve(uri)
 
 
 def read_text(uri: str) -> str:
