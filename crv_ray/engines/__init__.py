@@ -98,10 +98,12 @@ class EnginePools:
         self._history[pool.name] = {"engines": self.names_of(k), "model": pool.cfg.model,
                                     "replicas": pool.cfg.replicas, "loads": len(loads),
                                     "ready_s": round(self._load_s.get(k, 0.0), 3),
-                                    "load_s": [x["load_s"] for x in loads]}
+                                    "load_s": [x["load_s"] for x in loads],
+                                    "nodes": len({x.get("node") for x in loads})}
 
     def stats(self) -> dict[str, dict]:
-        """Per pool: engines served, replicas, loads (replicas + restarts), seconds to ready."""
+        """Per pool: engines served, replicas, loads (replicas + restarts), seconds to ready, nodes its replicas
+        loaded on."""
         return dict(self._history)
 
 

@@ -105,11 +105,11 @@ class LoadLog:
         self.running_alone: dict[tuple[str, int], str] = {}
         self.culprits: set[str] = set()
 
-    def loaded(self, pool: str, replica: int, pid: int, seconds: float) -> int:
+    def loaded(self, pool: str, replica: int, pid: int, seconds: float, node: str = "") -> int:
         culprit = self.running_alone.pop((pool, replica), None)
         if culprit is not None:  # the previous engine of this replica died during that call
             self.culprits.add(culprit)
-        self.loads.append({"pool": pool, "replica": replica, "pid": pid, "load_s": round(seconds, 3)})
+        self.loads.append({"pool": pool, "replica": replica, "pid": pid, "node": node, "load_s": round(seconds, 3)})
         return self.count(pool)
 
     def alone(self, pool: str, replica: int, call_id: str | None) -> None:
@@ -156,7 +156,8 @@ class VLLMEngineActor:
         # By name, not handle: a handle among the arguments puts them in the object store, where a restart could
         # lose them.
         self.log = ray.get_actor(load_log)
-        n = ray.get(self.log.loaded.remote(pool, replica, os.getpid(), time.time() - t0))
+        n = ray.get(self.log.loaded.remote(pool, replica, os.getpid(), time.time() - t0,
+                                           ray.get_runtime_context().get_node_id()))
         print(f"[engine {pool}] replica {replica} loaded {model_path} in {time.time() - t0:.0f}s (load {n})",
               flush=True)
 
@@ -340,7 +341,8 @@ class VLLMPool:
                 opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_capture_child_tasks=True))
             else:
-                opts.update(num_cpus=self.cfg.cpus_per_replica, num_gpus=1 if gpu else 0)
+                # SPREAD: replicas on different nodes where they fit (each node's cores or GPU serve one).
+                opts.update(num_cpus=self.cfg.cpus_per_replica, num_gpus=1 if gpu else 0, scheduling_strategy="SPREAD")
             if gpu and self.cfg.accelerator_type:
                 opts["accelerator_type"] = self.cfg.accelerator_type
             actor = ray.remote(VLLMEngineActor).options(**opts).remote(

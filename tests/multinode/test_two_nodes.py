@@ -264,6 +264,21 @@ def test_a_worker_no_node_can_hold_fails_at_once(plain_run, nodes, cluster_env, 
             "has that (at most CPU 3) (no autoscaler") in log.read_text(), log.read_text()[-3000:]
 
 
+def test_tiny_vllm_pool_has_a_replica_on_each_node(nodes, run_root, cluster_env, tmp_path):
+    """Refine on real vLLM (builtin:tiny) with a 2-replica pool on the two-node cluster, run_dir on S3: the replicas
+    load on different nodes (SPREAD), each once, and every input row is accounted for."""
+    run_dir = f"{run_root}/vllm"
+    args = ["refine", str(ROOT / "jobs" / "configs" / "tiny_cpu.yaml"), "--set", f"run_dir={run_dir}",
+            "--set", f"ray.address={nodes.cluster.address}", "--set", "engines.agent.replicas=2",
+            "--set", "engines.agent.cpus_per_replica=1"]
+    run_driver(args, cluster_env, tmp_path / "driver.log", nodes)
+    manifest = json.loads(read_text(f"{run_dir}/refine/manifest.json"))
+    rec = manifest["reconciliation"]
+    assert rec["complete"] and rec["balanced"] and rec["rows_in"] == rec["trace_rows"] == 8, rec
+    (pool,) = [p for p in manifest["runs"][-1]["engine_pools"].values() if "agent" in p["engines"]]
+    assert (pool["replicas"], pool["loads"], pool["nodes"]) == (2, 2, 2), pool
+
+
 def test_worker_node_killed_mid_refine_and_mid_sft(plain_run, nodes, run_root, cluster_env, tmp_path):
     """The worker node dies (all its processes SIGKILLed) while it holds refine rows, and again while it runs a
     training worker; each time a fresh node joins. Refine ends with every row once and its committed shards kept
