@@ -268,7 +268,7 @@ def test_readme_kuberay_commands_name_what_the_manifests_define():
     """The README's copyable KubeRay block: its paths exist and its Secret and RayJob names are the manifests'."""
     readme = (k8s.ROOT / "README.md").read_text()
     section = readme.split("\n## On a cluster\n", 1)[1].split("\n## ", 1)[0]
-    block = re.findall(r"```bash\n(.*?)```", section, re.S)[-1]
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "kubectl" in b]
     for path in re.findall(r"\b(cluster/[\w./-]+)", block):
         assert (k8s.ROOT / path).exists(), path
     job = _one(k8s.render("cpu-demo"), "RayJob")
