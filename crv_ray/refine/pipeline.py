@@ -203,9 +203,11 @@ def spill_rows(batch: pa.Table, schema: pa.Schema, spill_dir: str) -> pa.Table:
     the input (306 MB of mapped object store at 50k rows). Keys are a few bytes a row."""
     batch = conform(batch, schema)
     shards = batch.column("shard").to_pylist()
-    for shard in dict.fromkeys(shards):
-        part = batch if len(set(shards)) == 1 else batch.filter(pa.array([s == shard for s in shards]))
-        write_parquet_atomic(storage.as_path(spill_dir) / shard_name(int(shard)) / f"{uuid.uuid4().hex}.parquet", part)
+    distinct = list(dict.fromkeys(shards))
+    root = storage.as_path(spill_dir)
+    for shard in distinct:
+        part = batch if len(distinct) == 1 else batch.filter(pa.array([s == shard for s in shards]))
+        write_parquet_atomic(root / shard_name(int(shard)) / f"{uuid.uuid4().hex}.parquet", part)
     return batch.select(list(KEY_COLUMNS))
 
 
