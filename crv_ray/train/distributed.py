@@ -118,6 +118,7 @@ def meta_hf_model(model_dir: str | Path) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.float32)
+    lm.tie_weights()  # from_config on the meta device leaves a tied lm_head as its own (never loaded) parameter
     lm.config.use_cache = False
     return lm
 

@@ -110,3 +110,51 @@ def test_each_rank_holds_about_its_shard_while_loading(tmp_path):
         assert r["peak_bytes"] < 1.2 * r["local_shard_bytes"] < 0.65 * model_bytes, results
     assert results[0]["same_keys"] and results[0]["max_abs_diff"] == 0.0
     assert results[0]["inv_freq_ok"]
+
+
+def _tied_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from crv_ray.train.config import FSDPConfig
+    from crv_ray.train.distributed import setup_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    result = {}
+    for load in ("full", "sharded"):
+        model = setup_model(model_dir, FSDPConfig(load=load), None, chunk_size=64, seed=0)
+        lm = model.lm
+        result[f"{load}_tied"] = lm.lm_head.weight is lm.model.embed_tokens.weight
+        with torch.no_grad():
+            result[load] = model(ids, torch.ones_like(ids), ids).tolist()
+    Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_tied_embeddings_load_sharded_as_in_full(tmp_path):
+    """A tied lm_head (Qwen2.5 0.5B-3B, SmolLM2) is the embedding matrix: a sharded load must keep it tied, or the
+    head is never loaded (SFT starts at loss ln(vocab), and CogPO's policy disagrees with its reference)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {**SHAPE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": 256, "tie_word_embeddings": True}
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tied_worker, args=(r, port, str(tmp_path / "model"), str(tmp_path / f"r{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r = json.loads((tmp_path / "r0.json").read_text())
+    assert r["full_tied"] and r["sharded_tied"]
+    full, sharded = torch.tensor(r["full"]), torch.tensor(r["sharded"])
+    assert torch.allclose(full, sharded, atol=1e-5), (full - sharded).abs().max()
