@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train on the committed shards of an unfinished refine (refused by default)")
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("run", help="refine -> sft -> reference log-probs -> cogpo -> eval, skipping finished stages")
+    sp = sub.add_parser("run", help="refine -> sft -> cogpo -> eval, skipping finished stages")
     add_common(sp)
     sp.add_argument("--restart", action="store_true", help="discard refine outputs of a different config")
     sp.set_defaults(fn=cmd_run)

@@ -12,9 +12,9 @@ from here. The run directory is a local folder or a URI such as s3://bucket/run 
         _work/spill/shard-NNNNN/    finished rows of a shard still running (Ray workers write, the driver reads back)
       sft/ cogpo/ variants/<name>/  training stages (crv_ray.train.api), each:
         model/                      exported Hugging Face model (+ crv_ray_train.json, the completion marker)
-        checkpoints/ metrics.jsonl tb/ data_report.json data/<hash>/
-      ref_logps/pairs.parquet       pairs + reference log-probs of the SFT model (variants/<name>/ref_logps/... when a
-                                    variant cuts pairs to other lengths)
+        checkpoints/ metrics.jsonl tb/ data_report.json
+        data/<hash>/                tokenized.arrow; ref_logps.parquet (preference stages: the starting model's
+                                    log-probs of every kept pair, computed by the workers before step 1)
       eval/                         <model>/<benchmark>/done.json, summary.json
       report.html
 """
@@ -35,7 +35,8 @@ TRAIN_MARKER = "crv_ray_train.json"  # in model/: written last, after the export
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 DATA_REPORT = "data_report.json"
-REF_LOGPS_MARKER = "_crv_ray_complete.json"  # in the reference log-probs folder, written before it is renamed in
+TOKENIZED = "tokenized.arrow"  # in data/<hash>/: the stage's rows after tokenization and the length policy
+REF_LOGPS = "ref_logps.parquet"  # in data/<hash>/ of a preference stage: one row per tokenized row, in its order
 # Inside an eval output folder (<run_dir>/eval or `crv-ray eval --out`).
 EVAL_SUMMARY = "summary.json"
 EVAL_DONE = "done.json"
@@ -104,17 +105,9 @@ class RunPaths:
     def variants(self) -> AnyPath:
         return self.root / "variants"
 
-    @property
-    def ref_logps(self) -> AnyPath:
-        """Pairs with the SFT model's reference log-probs, shared by cogpo and the variants of the same lengths."""
-        return self.root / "ref_logps" / "pairs.parquet"
-
     def stage_dir(self, name: str) -> AnyPath:
         """sft, cogpo or a cogpo variant's name."""
         return self.root / name if name in TRAIN_STAGES else self.variants / name
-
-    def variant_ref_logps(self, name: str) -> AnyPath:
-        return self.stage_dir(name) / "ref_logps" / "pairs.parquet"
 
     def model(self, name: str) -> AnyPath:
         """Where a trained model of the run is exported: sft, cogpo or a cogpo variant's name."""
@@ -145,3 +138,8 @@ def stage_checkpoints(stage_dir: str | AnyPath) -> AnyPath:
 
 def stage_data_report(stage_dir: str | AnyPath) -> AnyPath:
     return as_path(stage_dir) / DATA_REPORT
+
+
+def stage_data_dir(stage_dir: str | AnyPath, config_hash: str) -> AnyPath:
+    """The tokenized rows (and a preference stage's reference log-probs) of one stage config."""
+    return as_path(stage_dir) / "data" / config_hash

@@ -1,8 +1,7 @@
 """`crv-ray status`: each stage's state (done / partial / missing) read from the markers a run directory holds.
 
 Only the completion markers count, the same ones the stages themselves trust: a refine shard is done once its commit
-marker exists, a training stage once its export marker does, reference log-probs once their folder holds its
-marker, eval once summary.json is written. Nothing here starts Ray or loads a model.
+marker exists, a training stage once its export marker does, eval once summary.json is written. Nothing here starts Ray or loads a model.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crv_ray.run_paths import (EVAL_DONE, EVAL_SUMMARY, REF_LOGPS_MARKER, TRAIN_MARKER, RunPaths, stage_checkpoints,
+from crv_ray.run_paths import (EVAL_DONE, EVAL_SUMMARY, TRAIN_MARKER, RunPaths, stage_checkpoints,
                                stage_metrics, stage_model)
 
 DONE, PARTIAL, MISSING = "done", "partial", "missing"
@@ -58,16 +57,6 @@ def train_status(stage_dir: Path) -> dict:
     return _entry(PARTIAL, f"no exported model yet ({', '.join(what)}); rerun to resume")
 
 
-def ref_logps_status(path: Path) -> dict:
-    marker = path / REF_LOGPS_MARKER
-    if marker.is_file():
-        return _entry(DONE, f"{json.loads(marker.read_text()).get('rows', '?')} pairs with reference log-probs")
-    # compute_ref_logps writes into <path>.tmp and renames it in place once complete; on object storage it writes
-    # in place, its marker last.
-    tmp = path.with_name(path.name + ".tmp")
-    return _entry(PARTIAL, "being written") if tmp.exists() or path.exists() else _entry(MISSING, "not started")
-
-
 def eval_status(eval_dir: Path) -> dict:
     summary = eval_dir / EVAL_SUMMARY
     done = sorted(eval_dir.glob(f"*/*/{EVAL_DONE}"))
@@ -88,7 +77,6 @@ def run_status(run_dir: str | Path, variants: list[str] | tuple[str, ...] = ()) 
     status = {
         "refine": refine_status(paths),
         "sft": train_status(paths.sft),
-        "ref_logps": ref_logps_status(paths.ref_logps),
         "cogpo": train_status(paths.cogpo),
     }
     for name in dict.fromkeys([*variants, *on_disk]):

@@ -1,4 +1,4 @@
-"""The run's stages in order (refine -> sft -> reference log-probs -> cogpo -> eval), each reading the previous one's
+"""The run's stages in order (refine -> sft -> cogpo -> eval), each reading the previous one's
 datasets from the run directory and skipped when its outputs are complete for the same config."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ def stage_paths(cfg: RunConfig | str | Path) -> dict[str, Path]:
         "sft_data": run.refine_dataset("sft"),
         "pairs": run.refine_dataset("pairs"),
         "sft": run.sft,
-        "ref_pairs": run.ref_logps,
         "cogpo": run.cogpo,
         "variants": run.variants,
         "eval": run.eval,
@@ -81,10 +80,9 @@ def run_train_stage(cfg: RunConfig, stage: str, allow_partial: bool = False) -> 
             raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
         if not paths["pairs"].exists():
             raise ValueError(f"no pairs at {paths['pairs']}: run `crv-ray refine` first")
-        ref = _pairs_for(cfg.train, sft_model, paths["pairs"], paths["ref_pairs"])
-        model = api.run_cogpo(cfg.train, sft_model, ref, paths["cogpo"])
-        return {**({"ref log-probs": ref} if ref != paths["pairs"] else {}), "cogpo model": model,
-                "metrics": stage_metrics(paths["cogpo"]), "checkpoints": stage_checkpoints(paths["cogpo"])}
+        model = api.run_cogpo(cfg.train, sft_model, paths["pairs"], paths["cogpo"])
+        return {"cogpo model": model, "metrics": stage_metrics(paths["cogpo"]),
+                "checkpoints": stage_checkpoints(paths["cogpo"])}
     if stage in cfg.train.cogpo_variants:
         return _run_variant(cfg, stage)
     raise ValueError(f"unknown training stage {stage!r} (sft, cogpo or a train.cogpo_variants name: "
@@ -105,19 +103,9 @@ def _check_train_resources(cfg: RunConfig) -> None:
            hint="lower train.scaling.num_workers or cpus_per_worker, or use a bigger cluster")
 
 
-def _pairs_for(train, sft_model: Path, pairs: Path, ref_out: Path) -> Path:
-    """The pairs the preference stage reads: with precomputed reference log-probs where its loss uses them, the
-    refine pairs as they are for a reference-free loss (simpo) or an online reference (nothing to precompute)."""
-    from crv_ray.train import api
-
-    if not train.cogpo.uses_reference or train.cogpo.reference == "online":
-        return pairs
-    return api.run_ref_logps(train, sft_model, pairs, ref_out)
-
-
 def _run_variant(cfg: RunConfig, name: str) -> dict[str, Path]:
-    """A cogpo variant: same SFT model and pairs, other cogpo settings. The reference log-probs are shared with
-    `cogpo` unless the variant changes how pairs are cut to length (then its own are computed)."""
+    """A cogpo variant: same SFT model and pairs, other cogpo settings (its workers score the pairs with the SFT
+    model for its own length settings and precision)."""
     from crv_ray.train import api
     from crv_ray.train.config import variant_config
 
@@ -127,11 +115,7 @@ def _run_variant(cfg: RunConfig, name: str) -> dict[str, Path]:
     sft_model = paths.model("sft")
     if not sft_model.exists():
         raise ValueError(f"no SFT model at {sft_model}: run `crv-ray train sft` first")
-    length_keys = {"max_length", "max_prompt_length", "truncation"}
-    same_lengths = all(getattr(train.cogpo, k) == getattr(cfg.train.cogpo, k) for k in length_keys)
-    ref = _pairs_for(train, sft_model, paths.refine_dataset("pairs"),
-                     paths.ref_logps if same_lengths else paths.variant_ref_logps(name))
-    model = api.run_cogpo(train, sft_model, ref, out_dir)
+    model = api.run_cogpo(train, sft_model, paths.refine_dataset("pairs"), out_dir)
     return {f"{name} model": model, f"{name} metrics": stage_metrics(out_dir)}
 
 

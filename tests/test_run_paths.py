@@ -4,7 +4,7 @@ from pathlib import Path
 
 from crv_ray.config import load_config
 from crv_ray.refine.store import RefineStore
-from crv_ray.run_paths import RunPaths, stage_checkpoints, stage_metrics, stage_model
+from crv_ray.run_paths import RunPaths, stage_checkpoints, stage_data_dir, stage_metrics, stage_model
 from crv_ray.stages import model_dir, stage_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +20,10 @@ def test_layout_is_the_documented_one(tmp_path):
     assert p.refine_done_marker(12) == tmp_path / "refine" / "_work" / "done" / "shard-00012.json"
     assert p.refine_input_file(0) == tmp_path / "refine" / "_work" / "input" / "shard-00000.parquet"
     assert p.refine_stage_file("critic", 1) == tmp_path / "refine" / "_work" / "stages" / "critic" / "shard-00001.parquet"
-    assert p.ref_logps == tmp_path / "ref_logps" / "pairs.parquet"
     assert p.model("sft") == tmp_path / "sft" / "model"
     assert p.model("cogpo") == tmp_path / "cogpo" / "model"
     assert p.model("dpo") == tmp_path / "variants" / "dpo" / "model"
-    assert p.variant_ref_logps("dpo") == tmp_path / "variants" / "dpo" / "ref_logps" / "pairs.parquet"
+    assert stage_data_dir(p.stage_dir("dpo"), "ab12") == tmp_path / "variants" / "dpo" / "data" / "ab12"
     assert p.eval == tmp_path / "eval" and p.report == tmp_path / "report.html"
     assert (stage_model(p.sft), stage_metrics(p.sft), stage_checkpoints(p.sft)) == (
         tmp_path / "sft" / "model", tmp_path / "sft" / "metrics.jsonl", tmp_path / "sft" / "checkpoints")
@@ -35,7 +34,7 @@ def test_old_entry_points_read_the_same_layout(tmp_path):
     p = RunPaths(tmp_path)
     assert stage_paths(cfg) == stage_paths(tmp_path) == {
         "refine": p.refine, "sft_data": p.refine_dataset("sft"), "pairs": p.refine_dataset("pairs"), "sft": p.sft,
-        "ref_pairs": p.ref_logps, "cogpo": p.cogpo, "variants": p.variants, "eval": p.eval}
+        "cogpo": p.cogpo, "variants": p.variants, "eval": p.eval}
     assert model_dir(cfg, "dpo") == p.model("dpo")
     store = RefineStore(tmp_path)
     assert (store.root, store.work, store.manifest_path, store.state_path) == (

@@ -34,7 +34,7 @@ def refined(ray_local, tmp_path_factory):
 def test_nothing_run_is_all_missing(tmp_path):
     status = run_status(tmp_path / "not-yet", ["dpo"])
     assert set(states(status).values()) == {"missing"}
-    assert list(status) == ["refine", "sft", "ref_logps", "cogpo", "variant dpo", "eval", "report"]
+    assert list(status) == ["refine", "sft", "cogpo", "variant dpo", "eval", "report"]
 
 
 def test_refine_partial_then_done(refined):
@@ -45,7 +45,7 @@ def test_refine_partial_then_done(refined):
     assert status["refine"] == {"state": "done", "detail": f"2 of 2 shards committed ({manifest['sft_rows']} sft, "
                                                            f"{manifest['pairs_rows']} pairs, "
                                                            f"{manifest['errors_rows']} errors)"}
-    assert states(status) == {"refine": "done", "sft": "missing", "ref_logps": "missing", "cogpo": "missing",
+    assert states(status) == {"refine": "done", "sft": "missing", "cogpo": "missing",
                               "variant dpo": "missing", "eval": "missing", "report": "missing"}
     # A commit marker lost (a shard whose commit never finished) makes it partial again.
     marker = RunPaths(run_dir).refine_done_marker(1)
@@ -71,20 +71,16 @@ def test_later_stages_from_their_markers(refined, tmp_path, capsys):
         "state": "partial", "detail": "no exported model yet (2 logged steps, checkpoints kept); rerun to resume"}
     paths.model("sft").mkdir()
     (paths.model("sft") / "crv_ray_train.json").write_text("{}")
-    paths.ref_logps.with_name("pairs.parquet.tmp").mkdir(parents=True)
     (paths.stage_dir("dpo")).mkdir(parents=True)  # a variant folder not in the config is listed too
     (paths.eval / "sft" / "gsm8k").mkdir(parents=True)
     (paths.eval / "sft" / "gsm8k" / "done.json").write_text("{}")
     status = run_status(run_dir)
-    assert states(status) == {"refine": "done", "sft": "done", "ref_logps": "partial", "cogpo": "missing",
+    assert states(status) == {"refine": "done", "sft": "done", "cogpo": "missing",
                               "variant dpo": "partial", "eval": "partial", "report": "missing"}
     assert status["eval"]["detail"] == "1 (model, benchmark) pairs done, summary.json not written yet"
-    paths.ref_logps.with_name("pairs.parquet.tmp").rename(paths.ref_logps)
-    (paths.ref_logps / "_crv_ray_complete.json").write_text(json.dumps({"rows": 7}))
     (paths.eval / "summary.json").write_text(json.dumps({"results": [{}, {}]}))
     paths.report.write_text("<html>")
     status = run_status(run_dir)
-    assert status["ref_logps"] == {"state": "done", "detail": "7 pairs with reference log-probs"}
     assert status["eval"] == {"state": "done", "detail": "2 (model, benchmark) results in summary.json"}
     assert status["report"]["state"] == "done"
 
@@ -92,7 +88,7 @@ def test_later_stages_from_their_markers(refined, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"run {run_dir}"
     assert [line.split()[:2] for line in out[1:]] == [
-        ["refine", "done"], ["sft", "done"], ["ref_logps", "done"], ["cogpo", "missing"], ["variant", "dpo"],
+        ["refine", "done"], ["sft", "done"], ["cogpo", "missing"], ["variant", "dpo"],
         ["eval", "done"], ["report", "done"]]
     assert main(["status", str(tmp_path / "typo")]) == 2
     assert "no such run directory or config file" in capsys.readouterr().err

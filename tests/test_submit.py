@@ -94,7 +94,7 @@ def test_failing_job_exits_nonzero_with_its_error(ray_head, tmp_path, capfd):
 
 @pytest.mark.slow
 def test_tiny_run_as_a_job_end_to_end(ray_head, tmp_path, capfd):
-    """refine -> sft -> ref log-probs -> cogpo as a Ray job (eval and the DPO variant off: test_run_e2e runs them),
+    """refine -> sft -> cogpo as a Ray job (eval and the DPO variant off: test_run_e2e runs them),
     then `crv-ray status` reads the finished run."""
     run_dir = tmp_path / "run"
     code = main(["submit", str(TINY), "--address", ray_head["dashboard"], "--set", f"run_dir={run_dir}",
@@ -106,6 +106,6 @@ def test_tiny_run_as_a_job_end_to_end(ray_head, tmp_path, capfd):
     assert (run_dir / "cogpo" / "model" / "crv_ray_train.json").is_file()
     assert main(["status", str(run_dir)]) == 0
     status = capfd.readouterr().out
-    for stage in ("refine", "sft", "ref_logps", "cogpo"):
+    for stage in ("refine", "sft", "cogpo"):
         assert any(line.split()[:2] == [stage, "done"] for line in status.splitlines()), status
     assert "2 of 2 shards committed" in status

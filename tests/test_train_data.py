@@ -165,6 +165,37 @@ def test_tokenize_to_file_counts(tmp_path, tiny_model, ray_started):
     assert report.tokens_kept == int(rows.seq_lengths.sum())
 
 
+def test_small_datasets_tokenize_in_process_exactly_as_ray_data_does(tmp_path, tiny_model, ray_started):
+    f = _write(tmp_path / "sft.parquet", prompt=_PROMPTS * 5, response=_RESPONSES * 5)
+    cfg = SFTConfig(max_length=48, max_prompt_length=32, truncation="truncate_response")
+    tables = {}
+    for name, limit in (("ray", 0), ("local", 4096)):
+        report = tokenize_to_file("sft", f, tiny_model, cfg, tmp_path / name, batch_size=3, in_process_max_rows=limit)
+        assert (report.rows_in, report.rows_kept) == (20, 15)
+        tables[name] = pa.ipc.open_file(str(tmp_path / name / "tokenized.arrow")).read_all()
+    assert tables["ray"].equals(tables["local"])
+
+
+def test_pairs_keep_their_own_reference_log_probs(tmp_path, tiny_model):
+    from crv_ray.train.data import carries_reference
+
+    cols = {"prompt": ["a", "b"], "chosen": ["x", "y"], "rejected": ["y", "x"]}
+    ref = {"ref_chosen_logp": [-1.5, -2.0], "ref_rejected_logp": [-3.0, -4.0]}
+    (tmp_path / "both").mkdir()
+    pq.write_table(pa.table({**cols, **ref}), tmp_path / "both" / "a.parquet")
+    report = tokenize_to_file("pairs", tmp_path / "both", tiny_model, CogPOConfig(), tmp_path / "out")
+    table = pa.ipc.open_file(str(tmp_path / "out" / "tokenized.arrow")).read_all()
+    assert report.rows_kept == 2 and table.column("ref_chosen_logp").to_pylist() == [-1.5, -2.0]
+    # Without the columns the workers compute them (nothing carried); an online reference or simpo ignore them.
+    pq.write_table(pa.table(cols), tmp_path / "plain.parquet")
+    assert not carries_reference([tmp_path / "plain.parquet"], CogPOConfig())
+    assert not carries_reference([tmp_path / "both" / "a.parquet"], CogPOConfig(reference="online"))
+    assert not carries_reference([tmp_path / "both" / "a.parquet"], CogPOConfig(loss="simpo"))
+    pq.write_table(pa.table(cols), tmp_path / "both" / "b.parquet")
+    with pytest.raises(ValueError, match="b.parquet.*do not"):
+        carries_reference(sorted((tmp_path / "both").glob("*.parquet")), CogPOConfig())
+
+
 def test_pairs_beta_from_gap_table_unless_a_beta_column_says_otherwise(tmp_path, tiny_model, ray_started):
     from crv_ray.train.data import describe_beta_sources
 
@@ -216,6 +247,6 @@ def test_stage_entry_points_name_bad_paths(tmp_path, tiny_model):
         run_sft(TrainConfig(), tmp_path / "no-model", tmp_path / "sft.parquet", tmp_path / "out")
     with pytest.raises(ValueError, match="sft dataset path .*missing-sft.parquet.* does not exist"):
         run_sft(TrainConfig(), tiny_model, tmp_path / "missing-sft.parquet", tmp_path / "out")
-    f = _write(tmp_path / "pairs.parquet", prompt=["p"], chosen=["a"], rejected=["b"])
-    with pytest.raises(ValueError, match=r"pairs\.parquet.*missing column.*ref_chosen_logp"):
+    f = _write(tmp_path / "pairs.parquet", prompt=["p"], chosen=["a"])
+    with pytest.raises(ValueError, match=r"pairs\.parquet.*missing column.*rejected"):
         run_cogpo(TrainConfig(), tiny_model, f, tmp_path / "out")

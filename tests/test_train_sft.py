@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 SFT = {"epochs": 3, "lr": 1e-2, "scheduler": "cosine", "warmup_ratio": 0.2, "per_device_batch_size": 2,
        "grad_accum_steps": 2, "max_length": 64, "max_prompt_length": 32, "checkpoint_every_steps": 2,
        "keep_last_checkpoints": 2, "seed": 3}
+# fp32 compute: the DeepSpeed run (fp32 on CPU) is compared with these to 1e-3, which bf16 (auto on a CPU with native
+# bf16) would not meet. The bf16 path: tests/test_train_cogpo.py.
+FP32 = {"fsdp": {"mixed_precision": "fp32"}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def setup(tmp_path_factory, ray_started):
 @pytest.fixture(scope="module")
 def full_run(setup):
     root, model = setup
-    cfg = TrainConfig.model_validate({"sft": SFT})
+    cfg = TrainConfig.model_validate({**FP32, "sft": SFT})
     t = time.perf_counter()
     out = run_sft(cfg, model, root / "sft.parquet", root / "full")
     return out, cfg, time.perf_counter() - t
@@ -91,11 +94,11 @@ def test_rerun_is_skipped(full_run, setup):
 
 def test_stop_and_resume_matches_uninterrupted(full_run, setup):
     root, model = setup
-    stopped = TrainConfig.model_validate({"sft": {**SFT, "stop_after_steps": 5}})
+    stopped = TrainConfig.model_validate({**FP32, "sft": {**SFT, "stop_after_steps": 5}})
     out = run_sft(stopped, model, root / "sft.parquet", root / "resumed")
     assert not out.exists()
     assert [m["step"] for m in read_metrics(root / "resumed")] == [1, 2, 3, 4, 5]
-    run_sft(TrainConfig.model_validate({"sft": SFT}), model, root / "sft.parquet", root / "resumed")
+    run_sft(TrainConfig.model_validate({**FP32, "sft": SFT}), model, root / "sft.parquet", root / "resumed")
     lines = (root / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 10))  # continued at 6, nothing redone
     full = read_metrics(root / "full")
@@ -109,7 +112,7 @@ def test_killed_worker_restarts_from_checkpoint_on_the_same_trajectory(full_run,
     """Rank 1's process dies after step 5 (checkpoints at 2, 4, ...): with the default max_failures Ray Train
     restarts the worker group, which resumes from its last checkpoint and ends where an uninterrupted run ends."""
     root, model = setup
-    cfg = TrainConfig.model_validate({"sft": SFT})
+    cfg = TrainConfig.model_validate({**FP32, "sft": SFT})
     assert cfg.sft.max_failures > 0
     out_dir = root / "killed"
     out_dir.mkdir()
@@ -135,7 +138,7 @@ def test_deepspeed_strategy_same_trajectory_resume_and_export(full_run, setup):
     from transformers import AutoModelForCausalLM
 
     root, model = setup
-    ds = {"sft": SFT, "strategy": "deepspeed"}
+    ds = {**FP32, "sft": SFT, "strategy": "deepspeed"}
     stopped = TrainConfig.model_validate({**ds, "sft": {**SFT, "stop_after_steps": 5}})
     assert not run_sft(stopped, model, root / "sft.parquet", root / "ds").exists()
     assert list((root / "ds" / "checkpoints").glob("sft-*/checkpoint_step00000005/ds"))  # DeepSpeed's own files

@@ -2,6 +2,8 @@
 
 Stage directory layout (`out_dir`; names in crv_ray.run_paths):
   data/<hash>/tokenized.arrow   tokenized rows after the length policy (reused by a rerun)
+  data/<hash>/ref_logps.parquet cogpo: the starting model's log-probs of each tokenized pair (written by the workers
+                                before step 1, read back on a resume)
   data_report.json              rows in, dropped / truncated counts, padding fraction, steps per epoch
   checkpoints/<stage>-<hash>/   Ray Train run: sharded DCP checkpoints (latest K kept)
   metrics.jsonl, tb/            metrics of rank 0 (JSON lines; TensorBoard)
@@ -24,10 +26,11 @@ from typing import Callable
 from crv_ray import storage
 from crv_ray.redact import redact
 from crv_ray.storage import AnyPath
-from crv_ray.run_paths import TRAIN_MARKER, stage_checkpoints, stage_data_report, stage_metrics, stage_model
+from crv_ray.run_paths import (REF_LOGPS, TOKENIZED, TRAIN_MARKER, stage_checkpoints, stage_data_dir,
+                               stage_data_report, stage_metrics, stage_model)
 from crv_ray.train.config import TrainConfig, stage_hash
 from crv_ray.train.batching import TokenizedRows, plan_padding_fraction, steps_per_epoch
-from crv_ray.train.data import TOKENIZED_FILE, DataReport
+from crv_ray.train.data import DataReport
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +58,19 @@ def _prepare_data(kind: str, data_path: AnyPath, model_dir: AnyPath, cfg: TrainC
     from crv_ray.train.data import describe_beta_sources, tokenize_to_file
 
     stage_cfg = getattr(cfg, stage)
-    data_dir = out_dir / "data" / config_hash
-    tokenized = data_dir / TOKENIZED_FILE
+    data_dir = stage_data_dir(out_dir, config_hash)
+    tokenized = data_dir / TOKENIZED
     report_path = stage_data_report(data_dir)
     if tokenized.is_file() and report_path.is_file():
         storage.copy_file(report_path, stage_data_report(out_dir))
         return tokenized
     with tempfile.TemporaryDirectory(prefix="crv-tokenized-") as tmp:
         work = data_dir if isinstance(data_dir, Path) else Path(tmp)
-        report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, work, num_actors=cfg.tokenize_num_actors)
-        _plan_report(report, TokenizedRows(work / TOKENIZED_FILE), cfg, stage_cfg)
+        report = tokenize_to_file(kind, data_path, model_dir, stage_cfg, work, num_actors=cfg.tokenize_num_actors,
+                                  in_process_max_rows=cfg.tokenize_in_process_max_rows)
+        _plan_report(report, TokenizedRows(work / TOKENIZED), cfg, stage_cfg)
         if work != data_dir:
-            storage.upload_file(work / TOKENIZED_FILE, tokenized)
+            storage.upload_file(work / TOKENIZED, tokenized)
     report.write(report_path)
     storage.copy_file(report_path, stage_data_report(out_dir))
     logger.info("%s data: %d rows in, %d kept, %d dropped (prompt), %d dropped (length), %d truncated, "
@@ -128,8 +132,7 @@ def _total_steps(out_dir: AnyPath, epochs: int) -> int | None:
 
 def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: AnyPath, data_path: AnyPath,
                out_dir: AnyPath) -> AnyPath:
-    from crv_ray.train.data import load_tokenizer
-    from crv_ray.train.ref_logps import pad_token_id
+    from crv_ray.train.data import load_tokenizer, pad_token_id
 
     model_dir, data_path, out_dir = map(storage.absolute, (model_dir, data_path, out_dir))
     tokenizer = load_tokenizer(model_dir)  # a bad model path fails here, named
@@ -146,6 +149,7 @@ def _run_stage(stage: str, kind: str, train_fn, cfg: TrainConfig, model_dir: Any
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenized = _prepare_data(kind, data_path, model_dir, cfg, stage, out_dir, config_hash)
     run = {"train_cfg": cfg.model_dump(mode="json"), "model_dir": str(model_dir), "data_file": str(tokenized),
+           "ref_logps_file": str(stage_data_dir(out_dir, config_hash) / REF_LOGPS),
            "out_dir": str(out_dir), "config_hash": config_hash, "pad_id": pad_token_id(tokenizer)}
     _fit(train_fn, cfg, stage, run, out_dir, config_hash)
     if (export_dir / "config.json").is_file():
@@ -167,19 +171,12 @@ def run_sft(cfg: TrainConfig, model_dir: AnyPath, sft_path: AnyPath, out_dir: An
     return _run_stage("sft", "sft", sft_train_loop, cfg, model_dir, sft_path, out_dir)
 
 
-def run_ref_logps(cfg: TrainConfig, ref_model_dir: AnyPath, pairs_path: AnyPath, out_path: AnyPath) -> AnyPath:
-    """Pairs + reference log-probs of the SFT model, as a Parquet directory at `out_path` (skipped if complete)."""
-    from crv_ray.train.ref_logps import compute_ref_logps
-
-    return compute_ref_logps(ref_model_dir, pairs_path, out_path, cfg)
-
-
-def run_cogpo(cfg: TrainConfig, sft_model_dir: AnyPath, pairs_with_ref_path: AnyPath, out_dir: AnyPath) -> AnyPath:
-    """CogPO from the SFT model on pairs (with ref columns unless `cogpo.reference == "online"`); returns
-    `out_dir/model`."""
+def run_cogpo(cfg: TrainConfig, sft_model_dir: AnyPath, pairs_path: AnyPath, out_dir: AnyPath) -> AnyPath:
+    """CogPO from the SFT model on pairs (the reference log-probs: the pairs' own ref columns, or computed by the
+    workers from the SFT model before the first step; see `CogPOConfig.reference`); returns `out_dir/model`."""
     from crv_ray.train.cogpo_recipe import cogpo_train_loop
 
-    return _run_stage("cogpo", "pairs", cogpo_train_loop, cfg, sft_model_dir, pairs_with_ref_path, out_dir)
+    return _run_stage("cogpo", "pairs", cogpo_train_loop, cfg, sft_model_dir, pairs_path, out_dir)
 
 
 def read_metrics(out_dir: str | AnyPath) -> list[dict]:

@@ -140,6 +140,16 @@ class TokenizedRows:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def add_columns(self, columns: dict[str, np.ndarray]) -> None:
+        """Per-row values computed after tokenization (the workers' reference log-probs); `collate` hands them out
+        like the file's own columns."""
+        for name, values in columns.items():
+            if len(values) != len(self):
+                raise ValueError(f"column {name!r} has {len(values)} values for {len(self)} rows")
+            if name in self.table.column_names:
+                self.table = self.table.drop_columns([name])
+            self.table = self.table.append_column(name, pa.array(values))
+
     @property
     def lengths(self) -> np.ndarray:
         return self.seq_lengths.max(axis=1)

@@ -1,16 +1,27 @@
 """CogPO recipe: the preference loss `train.cogpo.loss` names (default: DPO's sigmoid loss with a per-pair beta set
 by the pair's gap), averaged over the step's pairs, with TRL's preference metrics per gap.
 
-The setup, step loop, checkpoints and export are the shared `TrainLoop` (loop.py); this file adds the optional
-online reference model, the loss and the metrics. Chosen and rejected of a micro-batch go through the model as one
-batch of 2B rows.
+The setup, step loop, checkpoints and export are the shared `TrainLoop` (loop.py); this file adds the reference
+log-probs (computed by the workers with the starting model before step 1, or an online reference model), the loss
+and the metrics. Chosen and rejected of a micro-batch go through the model as one batch of 2B rows.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from crv_ray import storage
 from crv_ray.train.batching import sequence_sums
+from crv_ray.train.data import REF_COLUMNS
 from crv_ray.train.distributed import setup_model
 from crv_ray.train.loop import TrainLoop, batch_token_logps
 from crv_ray.train.losses import (all_reduce_metric_sums, finalize_metric_sums, merge_metric_sums, preference_loss,
@@ -28,7 +39,51 @@ class CogPORecipe(TrainLoop):
         if stage.reference == "online" and stage.uses_reference:
             self.ref_model = setup_model(self.model_dir, self.cfg.fsdp, None, stage.logprob_chunk_size,
                                          stage.seed, trainable=False)
+        elif stage.uses_reference and not all(c in self.rows.table.column_names for c in REF_COLUMNS):
+            self.rows.add_columns(self._reference_logps())
         self._metric_sums: list[dict] = []
+
+    def _reference_logps(self) -> dict[str, np.ndarray]:
+        """The starting model's summed response log-probs of every pair, from this run's file when an earlier
+        attempt wrote it, else computed now. Called before any checkpoint is loaded, so the model is the starting
+        (SFT) model whatever the attempt: the policy itself, with its sharding and precision, so the reference
+        equals the policy's own log-probs at step 1 (a separate pass in another dtype would not)."""
+        path = storage.as_path(self.run["ref_logps_file"])
+        if path.is_file():
+            table = storage.read_table(path)
+            if table.num_rows == len(self.rows):
+                return {c: table.column(c).to_numpy() for c in REF_COLUMNS}
+        t0 = time.perf_counter()
+        out = self._score_rows_with_model()
+        if self.rank == 0:
+            _write_parquet(pa.table({c: out[:, i] for i, c in enumerate(REF_COLUMNS)}), path)
+            print(f"[cogpo] reference log-probs of {len(self.rows)} pairs computed by {self.world} worker(s) in "
+                  f"{time.perf_counter() - t0:.1f}s -> {path}", flush=True)
+        return {c: out[:, i] for i, c in enumerate(REF_COLUMNS)}
+
+    def _score_rows_with_model(self) -> np.ndarray:
+        """[rows, 2] (chosen, rejected) log-probs: each rank scores every world-th row, all ranks run the same
+        number of forwards (FSDP gathers parameters collectively), a sum all-reduce joins the parts."""
+        n, bs = len(self.rows), self.cfg.ref_batch_size
+        mine = np.arange(self.rank, n, self.world)
+        rounds = math.ceil(math.ceil(n / self.world) / bs)
+        out = torch.zeros((n, 2), dtype=torch.float64, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for r in range(rounds):
+                idx = mine[r * bs:(r + 1) * bs]
+                raw = self.rows.collate(idx if len(idx) else np.array([0]), self.pad_id,
+                                        packed=self.stage.packing)
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
+                chosen, rejected = self._sequence_logps(self.model, batch)
+                if len(idx):
+                    rows = torch.as_tensor(idx, device=self.device)
+                    out[rows, 0], out[rows, 1] = chosen.double(), rejected.double()
+        self.model.train(was_training)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(out)
+        return out.cpu().numpy()
 
     def step_denominator(self, step_plan: list) -> float:
         return sum(len(idx) for micro in step_plan for idx in micro)  # the step's pairs on all ranks
@@ -80,3 +135,18 @@ class CogPORecipe(TrainLoop):
 def cogpo_train_loop(run: dict) -> None:
     """Ray Train `train_loop_per_worker` for CogPO."""
     CogPORecipe(run).run_to_end()
+
+
+def _write_parquet(table: pa.Table, path) -> None:
+    """Local disk: written beside and renamed into place (a reader never sees half a file); object storage: one
+    PUT."""
+    import pyarrow.parquet as pq
+
+    if not isinstance(path, Path):
+        storage.write_table(table, path)
+        return
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        pq.write_table(table, f.name)
+    os.replace(f.name, path)

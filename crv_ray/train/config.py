@@ -31,7 +31,8 @@ class ScalingConfig(_Strict):
 class FSDPConfig(_Strict):
     enabled: bool = Field(True, description="Shard each decoder layer and the root with FSDP2 (fully_shard).")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Parameter dtype inside forward/backward: auto = bf16 on GPU, fp32 on CPU. "
+        "auto", description="Parameter dtype inside forward/backward: auto = bf16 on GPU and on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), else fp32. "
         "Gradients are always reduced in fp32 and master weights stay fp32.")
     activation_checkpointing: Literal["off", "full", "selective"] = Field(
         "off", description="Recompute decoder-layer activations in backward: off; full = every decoder layer; "
@@ -157,8 +158,11 @@ class CogPOConfig(_StageConfig):
                                         description="Beta per gap type, used for rows without a beta column value.")
     default_beta: float = Field(0.5, gt=0, description="Beta for rows with neither a beta nor a known gap.")
     reference: Literal["precomputed", "online"] = Field(
-        "precomputed", description="precomputed: read ref_chosen_logp/ref_rejected_logp columns (one model in "
-        "memory); online: run a frozen copy of the starting model.")
+        "precomputed", description="precomputed: before the first step the training workers score every pair with "
+        "the starting model (the policy itself: same sharding and precision, so policy and reference agree exactly "
+        "at step 1) and keep the scores beside the tokenized rows for a resume; pairs that carry "
+        "ref_chosen_logp/ref_rejected_logp columns use those instead. One model in memory. online: run a frozen "
+        "copy of the starting model beside the policy at every step.")
 
     @property
     def uses_reference(self) -> bool:
@@ -200,8 +204,11 @@ class TrainConfig(_Strict):
         "{small: 2.0, medium: 2.0, large: 2.0}}`. Trained "
         "after `cogpo` into <run_dir>/variants/<name>/ and evaluated beside it when eval.models names them.")
     tokenize_num_actors: int = Field(1, ge=1, description="Max Ray Data actors tokenizing the datasets.")
-    ref_batch_size: int = Field(8, ge=1, description="Pairs per batch in reference log-prob inference.")
-    ref_num_actors: int = Field(1, ge=1, description="Ray Data actors holding a reference model copy.")
+    tokenize_in_process_max_rows: int = Field(
+        4096, ge=0, description="Datasets up to this many rows are tokenized in the driver process (a Ray Data "
+        "actor pool costs ~10 s of start-up); larger ones by tokenize_num_actors Ray Data actors.")
+    ref_batch_size: int = Field(8, ge=1, description="Pairs per worker per forward pass while the workers compute "
+                                "the reference log-probs (reference: precomputed).")
 
     @field_validator("cogpo_variants")
     @classmethod

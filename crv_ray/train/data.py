@@ -1,8 +1,9 @@
 """Training data on the driver: read and validate Parquet, tokenize with the student's chat template, apply the
 length policy.
 
-Flow: validate files -> Ray Data `read_parquet` -> `map_batches(tokenize)` -> stream the kept rows into one Arrow
-IPC file (`tokenized.arrow`) + a `DataReport`. How workers batch that file is in `batching.py`.
+Flow: validate files -> tokenize (in this process for small datasets, else Ray Data `read_parquet` ->
+`map_batches(tokenize)`) -> stream the kept rows into one Arrow IPC file (`tokenized.arrow`) + a `DataReport`. How
+workers batch that file is in `batching.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crv_ray import storage
+from crv_ray.run_paths import TOKENIZED as TOKENIZED_FILE
 from crv_ray.train.config import CogPOConfig, SFTConfig, _StageConfig
 
 Kind = Literal["sft", "pairs"]
@@ -25,7 +27,6 @@ Kind = Literal["sft", "pairs"]
 SFT_COLUMNS = ("prompt", "response")
 PAIRS_COLUMNS = ("prompt", "chosen", "rejected")
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
-TOKENIZED_FILE = "tokenized.arrow"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,6 +121,13 @@ def load_tokenizer(model_dir: str | Path):
     if not tok.chat_template:
         raise ValueError(f"tokenizer in {str(model_dir)!r} has no chat_template; training needs one")
     return tok
+
+
+def pad_token_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -288,14 +296,47 @@ def read_parquet_dataset(files: list[Path], columns: list[str] | None = None):
     return ray.data.read_parquet(**storage.ray_paths(files), columns=columns)
 
 
-def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, stage_cfg: _StageConfig,
-                     out_dir: Path, batch_size: int = 64, num_actors: int = 1) -> DataReport:
-    """Validate, tokenize with Ray Data, apply the length policy and write `out_dir/tokenized.arrow`."""
+def carries_reference(files: list[Path], stage_cfg: _StageConfig) -> bool:
+    """Pairs that bring their own reference log-probs (both REF_COLUMNS) keep them; without them the training
+    workers compute them before the first step. Some files with and some without is an error."""
+    if not (isinstance(stage_cfg, CogPOConfig) and stage_cfg.reference == "precomputed" and stage_cfg.uses_reference):
+        return False
+    has = {f: all(c in storage.read_schema(f).names for c in REF_COLUMNS) for f in files}
+    if len(set(has.values())) > 1:
+        raise ValueError(f"pairs dataset: {[str(f) for f, h in has.items() if h][:3]} carry reference log-probs "
+                         f"{list(REF_COLUMNS)}, {[str(f) for f, h in has.items() if not h][:3]} do not: give them "
+                         "to all files or to none (then the training workers compute them)")
+    return next(iter(has.values()), False)
+
+
+def _tokenized_batches(kind: Kind, files: list[Path], columns: list[str], model_dir: str | Path,
+                       stage_cfg: _StageConfig, batch_size: int, num_actors: int, rows_in: int,
+                       in_process_max_rows: int):
+    """Tokenized batches of the files, in file order. A small dataset is tokenized right here: a Ray Data actor
+    pool costs ~10 s of start-up, tokenizing a few thousand rows well under that."""
+    if rows_in <= in_process_max_rows:
+        tokenize = _Tokenize(str(model_dir), kind, stage_cfg.model_dump(mode="json"))
+        for f in files:
+            for batch in storage.read_table(f, columns=columns).to_batches(max_chunksize=batch_size):
+                yield tokenize(pa.Table.from_batches([batch]))
+        return
     import ray.data
 
+    ds = read_parquet_dataset(files, columns).map_batches(
+        _Tokenize, fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind,
+                                          "stage_cfg": stage_cfg.model_dump(mode="json")},
+        batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, stage_cfg: _StageConfig,
+                     out_dir: Path, batch_size: int = 64, num_actors: int = 1,
+                     in_process_max_rows: int = 4096) -> DataReport:
+    """Validate, tokenize, apply the length policy and write `out_dir/tokenized.arrow`."""
     what = "sft dataset" if kind == "sft" else "pairs dataset"
     files = list_parquet_files(data_path, what)
-    require_ref = (kind == "pairs" and stage_cfg.reference == "precomputed" and stage_cfg.uses_reference)
+    require_ref = kind == "pairs" and carries_reference(files, stage_cfg)
     # Under loss: dpo the gaps choose nothing, so an unknown gap is no error.
     gap_betas = stage_cfg.gap_betas if kind == "pairs" and stage_cfg.loss != "dpo" else None
     rows_in = validate_files(files, kind, gap_betas, require_ref=require_ref)
@@ -303,11 +344,8 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
     names = storage.read_schema(files[0]).names
     columns = list(SFT_COLUMNS) if kind == "sft" else (
         list(PAIRS_COLUMNS) + [c for c in ("beta", "gap") if c in names] + (list(REF_COLUMNS) if require_ref else []))
-    ds = read_parquet_dataset(files, columns).map_batches(
-        _Tokenize, fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind,
-                                          "stage_cfg": stage_cfg.model_dump(mode="json")},
-        batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors))
+    batches = _tokenized_batches(kind, files, columns, model_dir, stage_cfg, batch_size, num_actors, rows_in,
+                                 in_process_max_rows)
 
     report = DataReport(kind=kind, source=str(data_path), rows_in=rows_in,
                         truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length,
@@ -316,7 +354,7 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
     tmp = out_dir / (TOKENIZED_FILE + ".tmp")
     writer = None
     seen = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in batches:
         seen += batch.num_rows
         status = batch.column("status")
         report.dropped_prompt_too_long += pc.sum(pc.equal(status, "dropped_prompt")).as_py() or 0
@@ -333,8 +371,8 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
         for col in REF_COLUMNS if require_ref else ():
             if kept.column(col).null_count:
                 raise ValueError(f"{what} {str(data_path)!r}: column {col!r} is null in {kept.column(col).null_count}"
-                                 " rows that training keeps; recompute reference log-probs with the same "
-                                 "max_length / max_prompt_length / truncation as training")
+                                 " rows that training keeps: give every kept pair its reference log-probs, or "
+                                 "drop both columns and the training workers compute them")
         if writer is None:
             writer = pa.ipc.new_file(str(tmp), kept.schema)
         writer.write_table(kept)

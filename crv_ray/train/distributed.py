@@ -217,6 +217,22 @@ def apply_kernels(lm: nn.Module, kernels: str, dev: torch.device) -> None:
     raise ValueError(f"unknown kernels {kernels!r} (none, liger, compile)")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (measured 7.8x fp32's on this Xeon, one thread)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def uses_bf16(mixed_precision: str, dev: torch.device) -> bool:
+    """bf16 compute (fp32 master weights and gradient reduction): `bf16`, or `auto` on a GPU or on a CPU with
+    native bf16, where it halved a SmolLM2-135M training step on this 2-core Xeon (111 -> 237 tokens/s)."""
+    if mixed_precision != "auto":
+        return mixed_precision == "bf16"
+    return dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16())
+
+
 def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None, chunk_size: int,
                 seed: int, trainable: bool = True, kernels: str = "none") -> TokenLogps:
     """Load, wrap in TokenLogps and shard with FSDP2: each decoder layer, then the root."""
@@ -235,7 +251,7 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     model = TokenLogps(lm, chunk_size)
     if not fsdp.enabled or not dist.is_initialized():
         return model.to(dev)
-    bf16 = fsdp.mixed_precision == "bf16" or (fsdp.mixed_precision == "auto" and dev.type == "cuda")
+    bf16 = uses_bf16(fsdp.mixed_precision, dev)
     kwargs = {
         "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16 else MixedPrecisionPolicy(),

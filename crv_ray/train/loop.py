@@ -49,6 +49,7 @@ class TrainLoop:
         self.data_file = str(storage.local_copy(run["data_file"]))
         self.rank, self.world = rank_and_world()
         self.device = device()
+        self.pad_id = int(run["pad_id"])
 
     # --- what a recipe supplies ---------------------------------------------------------------------------------
 
@@ -96,7 +97,6 @@ class TrainLoop:
         self.global_step = 0 if state is None else int(state["global_step"])
         if state is None:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
-        self.pad_id = int(self.run["pad_id"])
         self.nodes = worker_node_count()
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, resumed=state is not None)
         self._plans: dict[int, list] = {}

@@ -1,7 +1,7 @@
 """SFT on Ray Train (2 gloo workers, tiny model) with the base model, the data and the stage folder on S3 (a real
 S3 API server): checkpoints go to the bucket through Ray Train's storage_filesystem, a stopped run resumes from its
-S3 checkpoint, and metrics, the data report and the exported model land in the bucket; then the reference log-probs
-of that exported model, read from the bucket, are written there."""
+S3 checkpoint, and metrics, the data report and the exported model land in the bucket; then CogPO from that exported model, whose
+workers write the reference log-probs to the bucket."""
 
 from __future__ import annotations
 
@@ -49,23 +49,30 @@ def test_sft_checkpoints_resume_and_export_on_s3(s3_server, ray_local, tiny_mode
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors")) and any((out_dir / "tb").iterdir())
     assert train_status(out_dir)["state"] == "done"
 
-    # Reference log-probs of the exported model (read from S3 by the Ray Data actors) over pairs on S3, written to S3.
+    # CogPO from the exported model on S3, pairs on S3: the workers' reference log-probs are written to the bucket.
+    import math
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    from crv_ray.train.api import run_ref_logps
-    from crv_ray.train.data import chat_tokenize, list_parquet_files, load_tokenizer
+    from crv_ray.train.api import run_cogpo
+    from crv_ray.train.data import chat_tokenize, load_tokenizer
 
     storage.write_table(pa.table({"prompt": prompts[:6], "chosen": responses[:6],
                                   "rejected": [r.replace("answer is", "answer is not") for r in responses[:6]]}),
                         root / "pairs.parquet")
-    ref = run_ref_logps(TrainConfig.model_validate({"cogpo": SFT}), out, root / "pairs.parquet", root / "ref")
-    assert str(ref) == f"{root}/ref" and json.loads((ref / "_crv_ray_complete.json").read_text())["rows"] == 6
-    row = pa.concat_tables([storage.read_table(f) for f in list_parquet_files(ref)]).to_pylist()[2]
+    cogpo = {**SFT, "epochs": 1, "checkpoint_every_steps": 100}
+    cogpo_dir = root / "cogpo"
+    run_cogpo(TrainConfig.model_validate({"cogpo": cogpo, "fsdp": {"mixed_precision": "fp32"}}), out,
+              root / "pairs.parquet", cogpo_dir)
+    assert read_metrics(cogpo_dir)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    (ref_file,) = (cogpo_dir / "data").glob("*/ref_logps.parquet")
+    assert str(ref_file).startswith("s3://")
+    ref = storage.read_table(ref_file)
     local = storage.local_copy(out)
     lm, tok = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval(), load_tokenizer(local)
-    ids, plen = chat_tokenize(tok, row["prompt"], row["chosen"])
+    ids, plen = chat_tokenize(tok, prompts[2], responses[2])
     with torch.no_grad():
         logps = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :-1].double(), -1)
     expected = float(logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][plen - 1:].sum())
-    assert row["ref_chosen_logp"] == pytest.approx(expected, rel=1e-4)
+    assert ref.num_rows == 6 and ref.column("ref_chosen_logp")[2].as_py() == pytest.approx(expected, rel=1e-4)

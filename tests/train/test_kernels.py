@@ -24,7 +24,7 @@ def _batch() -> dict:
 def _trajectory(model_dir, kernels: str, steps: int = 4):
     """Log-probs before training, then the SFT loss of `steps` AdamW steps on one batch (FSDP2, one rank)."""
     torch.manual_seed(0)
-    model = setup_model(model_dir, FSDPConfig(), None, chunk_size=8, seed=0, kernels=kernels)
+    model = setup_model(model_dir, FSDPConfig(mixed_precision="fp32"), None, chunk_size=8, seed=0, kernels=kernels)
     opt = setup_optimizer(model, SFTConfig(lr=1e-2, max_length=64, max_prompt_length=32))
     batch = _batch()
     losses, first = [], None
