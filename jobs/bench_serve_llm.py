@@ -299,12 +299,14 @@ def recovered_after(side, rows: list[dict], timeout_s: float = 180.0) -> float |
 
 
 def error_summary(e: Exception) -> str:
-    """The innermost error line of a (Ray-wrapped, colored) traceback."""
+    """The innermost error of a (Ray-wrapped, colored) traceback: a chained traceback prints the cause first, and
+    Ray's wrappers (RayTaskError, UserCodeException) say only that a task failed."""
     import re
 
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
     causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
-    return (causes[-1] if causes else f"{type(e).__name__}: {lines[0] if lines else ''}")[:300]
+    inner = [ln for ln in causes if not re.match(r"^(ray\.exceptions\.)?(RayTaskError|UserCodeException)\b", ln)]
+    return ((inner or causes)[0] if causes else f"{type(e).__name__}: {lines[0] if lines else ''}")[:300]
 
 
 # ------------------------------------------------------------------ driver

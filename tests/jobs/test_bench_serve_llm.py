@@ -42,5 +42,7 @@ def test_serve_reply_reads_the_chat_completion_or_the_error():
 
 def test_error_summary_finds_the_innermost_error_in_a_colored_ray_traceback():
     e = RuntimeError("\x1b[36mray::MapWorker(x).submit()\x1b[39m (pid=1)\n  File \"a.py\"\n"
-                     "ray.exceptions.RayTaskError: outer\nray.exceptions.ActorDiedError: The actor died\n")
+                     "ray.exceptions.ActorDiedError: The actor died\nThe above exception was the direct cause\n"
+                     "ray.exceptions.UserCodeException: UDF failed to process a data block.\n")
     assert bench.error_summary(e) == "ray.exceptions.ActorDiedError: The actor died"
+    assert bench.error_summary(ValueError("plain")) == "ValueError: plain"
