@@ -283,7 +283,8 @@ def fault_run(side, rows: list[dict]) -> dict:
     errors = [r["error"] for r in out.values() if r["error"]]
     return {"n": len(rows), "kill_after_rows": kill_at, "kill": how[0] if how else "not killed", "wall_s": wall,
             "returned": len(out), "same_text": served, "errors": len(errors),
-            "first_error": errors[0][:200] if errors else None, "failure": outcome, "loads": side.loads(), "recovery_s": recovery_s}
+            "first_error": errors[0][:200] if errors else None, "failure": outcome, "loads": side.loads(),
+            "recovery_s": recovery_s}
 
 
 def recovered_after(side, rows: list[dict], timeout_s: float = 180.0) -> float | None:
@@ -335,7 +336,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", side, str(out), "--model", args.model, "--n", *map(str, args.n),
                    "--fault-n", str(args.fault_n), "--num-cpus", str(args.num_cpus)]
             t = time.time()
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if p.returncode != 0 or not out.exists():
                 sys.exit(f"{side} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
             results[side] = json.loads(out.read_text())
