@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 COGPO = {"epochs": 2, "lr": 5e-3, "warmup_ratio": 0.0, "scheduler": "constant", "per_device_batch_size": 2,
          "grad_accum_steps": 1, "max_length": 64, "max_prompt_length": 32, "checkpoint_every_steps": 100,
-         "seed": 5}
+         "seed": 5, "max_failures": 0}  # a retry would hide a failed first attempt
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ and the metrics. Chosen and rejected of a micro-batch go through the model as on
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from crv_ray import storage
 from crv_ray.train.batching import sequence_sums
 from crv_ray.train.data import REF_COLUMNS
-from crv_ray.train.distributed import setup_model
+from crv_ray.train.distributed import reshard, setup_model
 from crv_ray.train.loop import TrainLoop, batch_token_logps
 from crv_ray.train.losses import (all_reduce_metric_sums, finalize_metric_sums, merge_metric_sums, preference_loss,
                                   preference_metric_sums)
@@ -62,25 +61,21 @@ class CogPORecipe(TrainLoop):
         return {c: out[:, i] for i, c in enumerate(REF_COLUMNS)}
 
     def _score_rows_with_model(self) -> np.ndarray:
-        """[rows, 2] (chosen, rejected) log-probs: each rank scores every world-th row, all ranks run the same
-        number of forwards (FSDP gathers parameters collectively), a sum all-reduce joins the parts."""
-        n, bs = len(self.rows), self.cfg.ref_batch_size
-        mine = np.arange(self.rank, n, self.world)
-        rounds = math.ceil(math.ceil(n / self.world) / bs)
-        out = torch.zeros((n, 2), dtype=torch.float64, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
+        """[rows, 2] (chosen, rejected) log-probs, scored in the micro-batches of the first epoch's plan: the same
+        shapes as training's first pass, so under bf16 the policy's step-1 log-probs equal these (other batch
+        shapes round differently: ~0.5 nats per 100-token sequence on a CPU). Every rank runs as many forwards (FSDP
+        gathers parameters collectively); a sum all-reduce joins the ranks' rows."""
+        out = torch.zeros((len(self.rows), 2), dtype=torch.float64, device=self.device)
+        self.model.eval()  # no dropout in the reference
         with torch.no_grad():
-            for r in range(rounds):
-                idx = mine[r * bs:(r + 1) * bs]
-                raw = self.rows.collate(idx if len(idx) else np.array([0]), self.pad_id,
-                                        packed=self.stage.packing)
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
-                chosen, rejected = self._sequence_logps(self.model, batch)
-                if len(idx):
-                    rows = torch.as_tensor(idx, device=self.device)
-                    out[rows, 0], out[rows, 1] = chosen.double(), rejected.double()
-        self.model.train(was_training)
+            for step_plan in self._plan(0):
+                for idx, batch, weight in self.micro_batches(step_plan):
+                    chosen, rejected = self._sequence_logps(self.model, batch)
+                    if weight > 0:
+                        rows = torch.as_tensor(idx, device=self.device)
+                        out[rows, 0], out[rows, 1] = chosen.double(), rejected.double()
+        self.model.train()
+        reshard(self.model)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(out)
         return out.cpu().numpy()

@@ -207,8 +207,6 @@ class TrainConfig(_Strict):
     tokenize_in_process_max_rows: int = Field(
         4096, ge=0, description="Datasets up to this many rows are tokenized in the driver process (a Ray Data "
         "actor pool costs ~10 s of start-up); larger ones by tokenize_num_actors Ray Data actors.")
-    ref_batch_size: int = Field(8, ge=1, description="Pairs per worker per forward pass while the workers compute "
-                                "the reference log-probs (reference: precomputed).")
 
     @field_validator("cogpo_variants")
     @classmethod

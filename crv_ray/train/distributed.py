@@ -279,6 +279,28 @@ def setup_model(model_dir: str | Path, fsdp: FSDPConfig, lora: LoRAConfig | None
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """After forwards without a backward (scoring under no_grad), FSDP2's root keeps its parameters unsharded,
+    waiting for the backward: reshard them, or an optimizer built next would hold the unsharded copies (never
+    updated for real, and its state dict fails)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def check_sharded(model: nn.Module) -> None:
+    """Every parameter of an FSDP2 model is its sharded DTensor (see `reshard`; an unsharded one left by a no_grad
+    forward does not even require grad, so the optimizer would silently skip it)."""
+    from torch.distributed.tensor import DTensor
+
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise RuntimeError(f"{len(plain)} parameter(s) are not sharded before the optimizer is built (e.g. "
+                           f"{plain[:3]}): a forward ran without a backward and without `reshard`")
+
+
 def adamw_impl_kwargs(param_device_type: str, cpu_offload: bool) -> dict[str, bool]:
     """Which AdamW implementation to use: `fused` (one kernel per parameter group) wherever the parameters live on
     one device, CUDA or CPU: torch >= 2.4 has a fused CPU AdamW, and on CPU it measured ~5x the single-tensor loop

@@ -18,7 +18,7 @@ from crv_ray.run_paths import stage_model
 from crv_ray.train.batching import TokenizedRows, packed_micro_batches, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
-from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, clip_grad_norm, device, maybe_inject_failure,
+from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, check_sharded, clip_grad_norm, device, maybe_inject_failure,
                                        peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
                                        setup_scheduler, uses_cpu_offload, worker_node_count)
 from crv_ray.train.export import export_model
@@ -50,6 +50,7 @@ class TrainLoop:
         self.rank, self.world = rank_and_world()
         self.device = device()
         self.pad_id = int(run["pad_id"])
+        self._plans: dict[int, list] = {}
 
     # --- what a recipe supplies ---------------------------------------------------------------------------------
 
@@ -91,6 +92,8 @@ class TrainLoop:
             self.model = setup_model(self.model_dir, self.cfg.fsdp, self.cfg.lora, stage.logprob_chunk_size,
                                      stage.seed, kernels=stage.kernels)
             self.setup_extra()
+            if self.cfg.fsdp.enabled and torch.distributed.is_initialized():  # setup_model sharded it
+                check_sharded(self.model)
             self.optimizer = setup_optimizer(self.model, stage, uses_cpu_offload(self.cfg.fsdp, self.device))
             self.scheduler = setup_scheduler(self.optimizer, stage, self.total_steps)
             state = load_latest_checkpoint(self.model, self.optimizer, self.scheduler)
@@ -99,7 +102,6 @@ class TrainLoop:
             seed_all(stage.seed + self.rank)  # per-rank stream (dropout); restored from the checkpoint on resume
         self.nodes = worker_node_count()
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, resumed=state is not None)
-        self._plans: dict[int, list] = {}
 
     def _plan(self, epoch: int) -> list:
         if epoch not in self._plans:
@@ -109,6 +111,21 @@ class TrainLoop:
                                              seed=s.seed, epoch=epoch, group_by_length=s.group_by_length,
                                              window_steps=s.length_group_window)}
         return self._plans[epoch]
+
+    def micro_batches(self, step_plan: list) -> list[tuple[np.ndarray, dict, float]]:
+        """This rank's micro-batches of one step as (rows, batch on the device, weight). Every rank gets as many:
+        where the plan has no rows for this rank, one row with weight 0 keeps the collectives matched."""
+        stage = self.stage
+        if stage.packing:
+            parts = packed_micro_batches(step_plan, self.rows.row_tokens, stage.max_tokens_per_micro_batch, self.rank)
+        else:
+            parts = [micro[self.rank] for micro in step_plan]
+        out = []
+        for idx in parts:
+            rows, weight = (idx, 1.0) if len(idx) else (np.array([0]), 0.0)
+            raw = self.rows.collate(rows, self.pad_id, packed=stage.packing)
+            out.append((idx, {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}, weight))
+        return out
 
     def train(self) -> bool:
         """Run to the end (True) or to `stop_after_steps` (False)."""
@@ -121,17 +138,8 @@ class TrainLoop:
             step_plan = self._plan(epoch)[step_in_epoch]
             denominator = max(self.step_denominator(step_plan), 1)
             local = np.zeros(4)  # loss sum, loss units, real tokens, padded positions
-            if stage.packing:
-                micro_batches = packed_micro_batches(step_plan, self.rows.row_tokens,
-                                                     stage.max_tokens_per_micro_batch, self.rank)
-            else:
-                micro_batches = [micro[self.rank] for micro in step_plan]
-            for i_micro, idx in enumerate(micro_batches):
-                weight = 1.0
-                if len(idx) == 0:  # fewer rows than micro-batches: a zero-weight batch keeps collectives matched
-                    idx, weight = np.array([0]), 0.0
-                raw = self.rows.collate(idx, self.pad_id, packed=stage.packing)
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in raw.items()}
+            micro_batches = self.micro_batches(step_plan)
+            for i_micro, (_, batch, weight) in enumerate(micro_batches):
                 loss_sum, units = self.micro_loss(batch, weight)
                 # Mean over the step on all ranks; FSDP and ZeRO average gradients over ranks, hence * world.
                 scaled = loss_sum * (weight * self.world / denominator)
