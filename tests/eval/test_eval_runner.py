@@ -27,9 +27,16 @@ def _cfg(tmp_path, *overrides):
 def _reply_double(calls):
     """build_vllm_transform's stand-in: a Ray Data map that answers from the gold (the only fake: the LLM)."""
 
-    @contextlib.contextmanager
-    def open_vllm(name, engine, model_path, startup_timeout_s, key_column="problem_id"):
-        yield lambda sampling, structured, keep: build(model_path, sampling, structured, keep)
+    class ModelPool(contextlib.AbstractContextManager):
+        def __init__(self, name, engine, startup_timeout_s, key_column="problem_id"):
+            self.pool = None
+
+        def load(self, model_path, label=""):
+            self.pool = model_path
+            return lambda sampling, structured, keep: build(model_path, sampling, structured, keep)
+
+        def __exit__(self, *exc):
+            return None
 
     def build(model_path, sampling, structured, keep):
         calls.append({"model": model_path, "temperature": sampling.temperature, "max_tokens": sampling.max_tokens,
@@ -48,7 +55,7 @@ def _reply_double(calls):
 
         return lambda ds: ds.map(reply)
 
-    return open_vllm
+    return ModelPool
 
 
 @pytest.fixture
@@ -65,7 +72,7 @@ def test_eval_with_reply_double_outputs_summary_and_skip(tmp_path, mine, monkeyp
     import crv_ray.engines.vllm_engine as vllm_engine
 
     calls = []
-    monkeypatch.setattr(vllm_engine, "open_vllm", _reply_double(calls))
+    monkeypatch.setattr(vllm_engine, "ModelPool", _reply_double(calls))
     entry = json.dumps({"name": "mine", "path": str(mine), "columns": {"problem": "q", "answer": "a"},
                         "answer_format": "plain", "group_by": ["topic"]})
     cfg = _cfg(tmp_path, "eval.limit=4", "eval.n=2", f"eval.benchmarks=[gsm8k, {entry}]",
