@@ -235,7 +235,7 @@ class VLLMEngineActor:
 
     async def _one(self, req: dict) -> dict:
         import vllm
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
@@ -243,8 +243,11 @@ class VLLMEngineActor:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             params = dict(req["sampling"])
             structured = params.pop("structured_outputs", None)
-            sp = vllm.SamplingParams(**params, structured_outputs=(StructuredOutputsParams(**structured)
-                                                                   if structured else None))
+            # FINAL_ONLY: the reply is used whole; streaming every token builds an output per token in this process,
+            # which shares the cores with the engine.
+            sp = vllm.SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY,
+                                     structured_outputs=(StructuredOutputsParams(**structured)
+                                                         if structured else None))
         except Exception as e:  # noqa: BLE001 - a bad request is this row's error, not the engine's
             return _error_reply(f"request: {type(e).__name__}: {e}")
         if self.fault and self.fault in text:
