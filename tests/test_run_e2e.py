@@ -21,7 +21,7 @@ def test_run_whole_chain_then_skip(tmp_path, capsys):
     args = ["run", str(ROOT / "jobs" / "configs" / "tiny_scripted.yaml"), "--set", f"run_dir={run_dir}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for name in ("sft model", "cogpo model", "dpo model", "ref log-probs", "manifest", "report"):
+    for name in ("sft model", "cogpo model", "dpo model", "manifest", "report"):
         assert name in out
     refine = run_dir / "refine"
     assert pq.read_table(refine / "pairs").num_rows > 0
