@@ -1,7 +1,8 @@
 """`crv-ray status`: each stage's state (done / partial / missing) read from the markers a run directory holds.
 
 Only the completion markers count, the same ones the stages themselves trust: a refine shard is done once its commit
-marker exists, a training stage once its export marker does, eval once summary.json is written. Nothing here starts Ray or loads a model.
+marker exists, a training stage once its export marker does, eval once summary.json is written. Nothing here starts
+Ray or loads a model.
 """
 
 from __future__ import annotations

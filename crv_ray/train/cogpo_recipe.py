@@ -8,10 +8,7 @@ and the metrics. Chosen and rejected of a micro-batch go through the model as on
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from crv_ray import storage
+from crv_ray.refine.store import write_parquet_atomic
 from crv_ray.train.batching import sequence_sums
 from crv_ray.train.data import REF_COLUMNS
 from crv_ray.train.distributed import reshard, setup_model
@@ -55,7 +53,7 @@ class CogPORecipe(TrainLoop):
         t0 = time.perf_counter()
         out = self._score_rows_with_model()
         if self.rank == 0:
-            _write_parquet(pa.table({c: out[:, i] for i, c in enumerate(REF_COLUMNS)}), path)
+            write_parquet_atomic(path, pa.table({c: out[:, i] for i, c in enumerate(REF_COLUMNS)}))
             print(f"[cogpo] reference log-probs of {len(self.rows)} pairs computed by {self.world} worker(s) in "
                   f"{time.perf_counter() - t0:.1f}s -> {path}", flush=True)
         return {c: out[:, i] for i, c in enumerate(REF_COLUMNS)}
@@ -130,18 +128,3 @@ class CogPORecipe(TrainLoop):
 def cogpo_train_loop(run: dict) -> None:
     """Ray Train `train_loop_per_worker` for CogPO."""
     CogPORecipe(run).run_to_end()
-
-
-def _write_parquet(table: pa.Table, path) -> None:
-    """Local disk: written beside and renamed into place (a reader never sees half a file); object storage: one
-    PUT."""
-    import pyarrow.parquet as pq
-
-    if not isinstance(path, Path):
-        storage.write_table(table, path)
-        return
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        pq.write_table(table, f.name)
-    os.replace(f.name, path)

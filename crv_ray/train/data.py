@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crv_ray import storage
-from crv_ray.run_paths import TOKENIZED as TOKENIZED_FILE
+from crv_ray.run_paths import TOKENIZED
 from crv_ray.train.config import CogPOConfig, SFTConfig, _StageConfig
 
 Kind = Literal["sft", "pairs"]
@@ -351,7 +351,7 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
                         truncation_policy=stage_cfg.truncation, max_length=stage_cfg.max_length,
                         gap_betas=dict(stage_cfg.gap_betas) if kind == "pairs" else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (TOKENIZED_FILE + ".tmp")
+    tmp = out_dir / (TOKENIZED + ".tmp")
     writer = None
     seen = 0
     for batch in batches:
@@ -388,5 +388,5 @@ def tokenize_to_file(kind: Kind, data_path: str | Path, model_dir: str | Path, s
         raise ValueError(f"{what} {str(data_path)!r}: no row fits max_length={stage_cfg.max_length} / "
                          f"max_prompt_length={stage_cfg.max_prompt_length} ({rows_in} rows in)")
     writer.close()
-    tmp.replace(out_dir / TOKENIZED_FILE)
+    tmp.replace(out_dir / TOKENIZED)
     return report

@@ -18,8 +18,8 @@ from crv_ray.run_paths import stage_model
 from crv_ray.train.batching import TokenizedRows, packed_micro_batches, plan_epoch, steps_per_epoch
 from crv_ray.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from crv_ray.train.config import TrainConfig
-from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, check_sharded, clip_grad_norm, device, maybe_inject_failure,
-                                       peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
+from crv_ray.train.distributed import (MetricsLogger, all_reduce_sum, check_sharded, clip_grad_norm, device,
+                                       maybe_inject_failure, peak_memory_mb, rank_and_world, seed_all, setup_model, setup_optimizer,
                                        setup_scheduler, uses_cpu_offload, worker_node_count)
 from crv_ray.train.export import export_model
 from crv_ray.train.logprobs import shift_labels

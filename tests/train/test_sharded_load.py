@@ -78,6 +78,23 @@ def _worker(rank: int, port: int, model_dir: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _run_two_ranks(target, tmp_path: Path, timeout_s: float) -> list[dict]:
+    """`target(rank, port, model_dir, out_json)` in two spawned gloo processes on `tmp_path / "model"`; their
+    results, rank order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, port, str(tmp_path / "model"), str(tmp_path / f"r{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+
+
 def test_each_rank_holds_about_its_shard_while_loading(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -90,18 +107,7 @@ def test_each_rank_holds_about_its_shard_while_loading(tmp_path):
     LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_hidden_layers": 1, "vocab_size": 256})).save_pretrained(
         tmp_path / "small")
     del model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path / "model"), str(tmp_path / f"r{r}.json")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
-    assert [p.exitcode for p in procs] == [0, 0]
-    results = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    results = _run_two_ranks(_worker, tmp_path, timeout_s=600)
     print({"model_bytes": model_bytes, "ranks": results})
     for r in results:
         # The shard is half the model; reading it adds a couple of one tensor's slices at a time. (The `full`
@@ -143,18 +149,7 @@ def test_tied_embeddings_load_sharded_as_in_full(tmp_path):
     shape = {**SHAPE, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
              "intermediate_size": 128, "vocab_size": 256, "tie_word_embeddings": True}
     LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tied_worker, args=(r, port, str(tmp_path / "model"), str(tmp_path / f"r{r}.json")))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
-    r = json.loads((tmp_path / "r0.json").read_text())
+    r = _run_two_ranks(_tied_worker, tmp_path, timeout_s=300)[0]
     assert r["full_tied"] and r["sharded_tied"]
     full, sharded = torch.tensor(r["full"]), torch.tensor(r["sharded"])
     assert torch.allclose(full, sharded, atol=1e-5), (full - sharded).abs().max()
