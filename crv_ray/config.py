@@ -45,8 +45,8 @@ class VLLMEngineConfig(_Strict):
     replicas: int = Field(1, ge=1, description="Engine replicas (actors) in the pool.")
     batch_size: int = Field(16, ge=1, description="Rows per batch sent to an engine replica.")
     max_inflight_batches: int = Field(
-        4, ge=1, description="Batches in flight per replica and role (vLLM batches them continuously; a GPU engine "
-        "wants several hundred sequences in flight).")
+        8, ge=1, description="Batches in flight per replica and role (vLLM batches them continuously, up to 256 "
+        "sequences a step on CPU and more on a GPU: with fewer in flight it takes more steps for the same rows).")
     max_restarts: int = Field(
         32, ge=0, description="Engine reloads allowed per pool and run after crashes (a poison row costs about "
         "3 + log2(batch_size) while it is isolated); past it the run stops instead of reloading forever.")

@@ -143,51 +143,96 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
     return state
 
 
-# ------------------------------------------------------------------ Ray Data glue for one stage
-def _prepare_fn(spec: StageSpec) -> Callable[[dict], dict]:
+# ------------------------------------------------------------------ Ray Data glue for the stages
+# A row step: one working row in, the rows it becomes out (one, or several for a fanout).
+RowStep = Callable[[dict], list[dict]]
+
+
+def _prepare_step(spec: StageSpec) -> RowStep:
     per_sample_seed = spec.extra.get("per_sample_seed", False)
     base_seed = (spec.sampling.seed or 0) if spec.sampling else 0
 
-    def prepare(row: dict) -> dict:
-        row = dict(row)
+    def prepare(row: dict) -> list[dict]:
         msgs = spec.prepare(row) if spec.prepare else None
         row[MESSAGES] = json.dumps(msgs) if msgs is not None else None
         row[SKIP] = msgs is None
-        # Seeds must be all ints or all None within a stage: Arrow turns an int column with nulls into floats,
-        # which vLLM rejects (and its engine then hangs).
         row[SEED] = base_seed + int(row.get("sample_index") or 0) if per_sample_seed else None
-        return row
+        return [row]
 
     return prepare
 
 
-def _apply_fn(spec: StageSpec, columns: list[str]) -> Callable[[dict], dict]:
-    def apply(row: dict) -> dict:
-        out = {k: row.get(k) for k in columns}
+def _apply_step(spec: StageSpec) -> RowStep:
+    def apply(row: dict) -> list[dict]:
         skipped = bool(row.get(SKIP, True))
         if spec.apply is not None and (not skipped or spec.apply_on_skip):
             reply = Reply(text=row.get(OUT_REPLY), prompt_tokens=row.get(OUT_PROMPT_TOKENS) or 0,
                           completion_tokens=row.get(OUT_TOKENS) or 0, error=row.get(OUT_ERROR), skipped=skipped)
-            out = spec.apply(out, reply)
-        return out
+            row = spec.apply(row, reply)
+        return [row]
 
     return apply
 
 
-def apply_stage(ds, cfg: RunConfig, spec: StageSpec, columns: list[str], pools: EnginePools | None = None):
-    if spec.fanout is not None:
-        ds = ds.flat_map(spec.fanout)
-    if spec.engine is None:
-        if "callable_class" in spec.extra:
-            import ray.data
+def _skipped_step(spec: StageSpec) -> RowStep:
+    return lambda row: [spec.apply(row, Reply(text=None, skipped=True))]
 
-            return ds.map(spec.extra["callable_class"], fn_constructor_args=(cfg,),
-                          compute=ray.data.ActorPoolStrategy(size=1))
-        return ds.map(lambda row: spec.apply(dict(row), Reply(text=None, skipped=True)))
-    ds = ds.map(_prepare_fn(spec))
-    ds = build_engine_transform(cfg, spec.engine, spec.sampling, spec.structured, columns + [SKIP], caller=spec.name,
-                                pools=pools)(ds)
-    return ds.map(_apply_fn(spec, columns))
+
+def run_row_steps(batch: pa.Table, steps: list[RowStep], schema: pa.Schema) -> pa.Table:
+    """The Ray Data task between two engine calls: every row step in order on a whole block, one Arrow -> Python ->
+    Arrow conversion for all of them. The explicit schema keeps column types fixed (Ray Data's row `map` infers
+    them per block: an int column with nulls became floats, which vLLM rejects as a seed)."""
+    rows = batch.to_pylist()
+    for step in steps:
+        rows = [out for row in rows for out in step(row)]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class RowStepsActor:
+    """`run_row_steps` in an actor, for a step that builds something costly once (OriginalCheck's tokenizers)."""
+
+    def __init__(self, cls: type, cfg: RunConfig, schema: pa.Schema):
+        obj = cls(cfg)
+        self.steps, self.schema = [lambda row: [obj(row)]], schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return run_row_steps(batch, self.steps, self.schema)
+
+
+def build_stages_dataset(ds, cfg: RunConfig, stages: list[StageSpec], schema: pa.Schema,
+                         pools: EnginePools | None = None):
+    """Chain the stages on `ds`. The row steps between two engine calls (apply of one stage, fanout and prepare of
+    the next) run as one fused Ray Data task per block; each engine call is its pool's caller actor."""
+    call_schema = pa.schema(list(schema) + [pa.field(MESSAGES, pa.string()), pa.field(SKIP, pa.bool_()),
+                                            pa.field(SEED, pa.int64())])
+    steps: list[RowStep] = []
+
+    def flush(ds, out_schema: pa.Schema):
+        if steps:
+            ds = ds.map_batches(run_row_steps, fn_kwargs={"steps": list(steps), "schema": out_schema},
+                                batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+            steps.clear()
+        return ds
+
+    for spec in stages:
+        if spec.fanout is not None:
+            steps.append(spec.fanout)
+        if spec.engine is None:
+            if "callable_class" in spec.extra:
+                import ray.data
+
+                ds = flush(ds, schema).map_batches(
+                    RowStepsActor, fn_constructor_args=(spec.extra["callable_class"], cfg, schema),
+                    batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1))
+            else:
+                steps.append(_skipped_step(spec))
+            continue
+        steps.append(_prepare_step(spec))
+        ds = flush(ds, call_schema)
+        ds = build_engine_transform(cfg, spec.engine, spec.sampling, spec.structured, schema.names + [SKIP],
+                                    caller=spec.name, pools=pools)(ds)
+        steps.append(_apply_step(spec))
+    return flush(ds, schema)
 
 
 # ------------------------------------------------------------------ collecting per shard, with a watchdog
@@ -359,11 +404,9 @@ def run_streaming(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], s
                   commit: Callable[[int, dict], None], pools: EnginePools) -> dict[str, float]:
     """Every pool up at once; the stages are light steps that call them, with no bubble between stages."""
     schema = state_schema(cfg.roles.verifier.max_rounds)
-    columns = schema.names
     pools.ensure(s.engine for s in stages if s.engine is not None)
-    ds = _read([store.input_file(s["shard"]) for s in shards], schema)
-    for spec in stages:
-        ds = apply_stage(ds, cfg, spec, columns, pools)
+    ds = build_stages_dataset(_read([store.input_file(s["shard"]) for s in shards], schema), cfg, stages, schema,
+                              pools)
     collector = ShardCollector({s["shard"]: s["rows"] for s in shards}, commit, store.paths.refine_spill)
     run_dataset(ds, collector, cfg, "refine (streaming)", schema)
     return {}  # stages overlap in streaming mode: only the run's total wall time is meaningful
@@ -379,7 +422,6 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
     and each loads once. `critic_guard(shard, rows)` sees the shards in order right after the last critic stage
     (it may raise)."""
     schema = state_schema(cfg.roles.verifier.max_rounds)
-    columns = schema.names
     prev = {s["shard"]: store.input_file(s["shard"]) for s in shards}
     walls: dict[str, float] = {}
     # Per pool, not per engine name: engines with identical settings share one pool, which unloads after the last
@@ -399,7 +441,7 @@ def run_staged(cfg: RunConfig, store: RefineStore, stages: list[StageSpec], shar
                 rows = [r for pid in sorted(by_problem) for r in by_problem[pid]]
                 write_parquet_atomic(store.stage_file(_d, shard), to_table(rows, schema))
 
-            ds = apply_stage(_read([prev[s["shard"]] for s in todo], schema), cfg, spec, columns, pools)
+            ds = build_stages_dataset(_read([prev[s["shard"]] for s in todo], schema), cfg, [spec], schema, pools)
             run_dataset(ds, ShardCollector({s["shard"]: s["rows"] for s in todo}, write, store.paths.refine_spill),
                         cfg, f"refine stage {spec.name}", schema)
         prev = {s["shard"]: store.stage_file(stage_dir, s["shard"]) for s in shards}
