@@ -24,7 +24,8 @@ from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
 from crv_ray.engines import (EnginePools, build_engine_transform, caller_resources, engine_pool_key,
                              pool_resources)
-from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
+from crv_ray.engines.columns import (MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP,
+                                     request_schema)
 from crv_ray.progress import Progress
 from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
@@ -203,8 +204,7 @@ def build_stages_dataset(ds, cfg: RunConfig, stages: list[StageSpec], schema: pa
                          pools: EnginePools | None = None):
     """Chain the stages on `ds`. The row steps between two engine calls (apply of one stage, fanout and prepare of
     the next) run as one fused Ray Data task per block; each engine call is its pool's caller actor."""
-    call_schema = pa.schema(list(schema) + [pa.field(MESSAGES, pa.string()), pa.field(SKIP, pa.bool_()),
-                                            pa.field(SEED, pa.int64())])
+    call_schema = request_schema(schema)
     steps: list[RowStep] = []
 
     def flush(ds, out_schema: pa.Schema):

@@ -7,14 +7,14 @@ import json
 import pyarrow as pa
 
 from crv_ray.config import load_config_dict
-from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP
+from crv_ray.engines.columns import (MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP,
+                                     request_schema)
 from crv_ray.refine.pipeline import _apply_step, _prepare_step, run_row_steps
 from crv_ray.refine.roles import student_stage
 from crv_ray.refine.state import empty_state, state_schema, to_table
 
 SCHEMA = state_schema(1)
-CALL_SCHEMA = pa.schema(list(SCHEMA) + [pa.field(MESSAGES, pa.string()), pa.field(SKIP, pa.bool_()),
-                                        pa.field(SEED, pa.int64())])
+CALL_SCHEMA = request_schema(SCHEMA)
 
 
 def _cfg(tmp_path):
