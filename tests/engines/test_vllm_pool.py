@@ -54,3 +54,48 @@ def test_poison_row_is_quarantined_and_the_run_goes_on(ray_local, tmp_path, monk
     # batch is split. Each crash is one reload of the pool's single replica.
     pool = m["runs"][0]["engine_pools"]["agent"]
     assert pool["replicas"] == 1 and pool["loads"] in (3, 4), pool
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").iterdir():
+            kids = [int(k) for k in (task / "children").read_text().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+@pytest.mark.slow
+def test_cpu_engine_runs_above_ray_workers_and_its_front_end_below(ray_local, tiny_model_dir):
+    """Ray starts workers at niceness 15; vLLM's engine core and model worker (children of the engine actor) must not
+    inherit it, and the actor's own front end yields to them."""
+    import os
+
+    import ray
+
+    from crv_ray.config import VLLMEngineConfig
+    from crv_ray.engines.vllm_pool import CPU_FRONT_END_NICENESS, VLLMPool, new_load_log
+
+    name, log_actor = new_load_log()
+    cfg = VLLMEngineConfig(model=str(tiny_model_dir), max_model_len=256, dtype="float32", enforce_eager=True,
+                           use_gpu=False)
+    pool = VLLMPool("nice", cfg, str(tiny_model_dir), name)
+    pool.start()
+    try:
+        pool.wait_ready(600)
+        pid = ray.get(log_actor.all.remote())[0]["pid"]
+        engine = {int(p): Path(f"/proc/{p}/comm").read_text().strip() for p in _descendants(pid)}
+        assert any(c.startswith("VLLM::EngineCor") for c in engine.values()), engine
+        assert any(c.startswith("VLLM::Worker") for c in engine.values()), engine
+        assert {p: os.getpriority(os.PRIO_PROCESS, p) for p in engine} == dict.fromkeys(engine, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == CPU_FRONT_END_NICENESS == 10
+        ray_worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+        assert ray_worker == 15  # what Ray Data's steps and the callers run at
+        reply = pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
+                                         "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}],
+                                        ["k"])[0]
+        assert reply["error"] is None and reply["completion_tokens"] == 4
+    finally:
+        pool.stop()
