@@ -400,7 +400,7 @@ class VLLMPool:
 
         gpu = uses_gpu(self.cfg)
         kwargs = engine_kwargs(self.cfg)
-        # RAY_worker_niceness=0: Ray starts its workers at niceness 15 (so that its own daemons stay responsive), and
+        # RAY_worker_niceness=0: Ray raises its workers' niceness by 15 (so that its own daemons stay responsive), and
         # the engine's processes (vLLM's engine core and model workers, children of this actor) inherited it, below
         # the driver, the raylet and the dashboard agents. The engine runs at normal priority, as vLLM does on its
         # own; Ray Data's steps and the callers stay at 15 and get what the engine leaves idle.
