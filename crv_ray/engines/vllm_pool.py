@@ -403,7 +403,7 @@ class VLLMPool:
         # RAY_worker_niceness=0: Ray raises its workers' niceness by 15 (so that its own daemons stay responsive), and
         # the engine's processes (vLLM's engine core and model workers, children of this actor) inherited it, below
         # the driver, the raylet and the dashboard agents. The engine runs at normal priority, as vLLM does on its
-        # own; Ray Data's steps and the callers stay at 15 and get what the engine leaves idle.
+        # own; Ray Data's steps and the callers stay 15 lower and get what the engine leaves idle.
         env = {"TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": "0"}
         if os.environ.get(FAULT_ENV):
             env[FAULT_ENV] = os.environ[FAULT_ENV]
