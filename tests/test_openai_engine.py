@@ -35,10 +35,13 @@ def _completion(text: str, completion_tokens: int = 3) -> dict:
 
 
 class _FakeServer:
-    """Answers POSTs with scripted (status, body) pairs in order (then 200s) and records what it received."""
+    """Answers POSTs with the (status, body) pair `by_content` holds for the last message's text, else with
+    scripted pairs in arrival order (then 200s), and records what it received. Requests of one batch are sent
+    concurrently, so tests with several rows key replies by content: arrival order is a race."""
 
     def __init__(self) -> None:
         self.script: deque[tuple[int, dict | str]] = deque()
+        self.by_content: dict[str, tuple[int, dict | str]] = {}
         self.requests: list[dict] = []
         fake = self
 
@@ -47,7 +50,11 @@ class _FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
                                       "t": time.monotonic()})
-                status, reply = fake.script.popleft() if fake.script else (200, _completion("ok"))
+                content = body["messages"][-1]["content"]
+                if content in fake.by_content:
+                    status, reply = fake.by_content[content]
+                else:
+                    status, reply = fake.script.popleft() if fake.script else (200, _completion("ok"))
                 data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -103,7 +110,7 @@ def test_remote_endpoint_without_key_is_value_error(monkeypatch):
 
 
 def test_replies_skips_and_payload(fake_server):
-    fake_server.script.extend([(200, _completion("zero", 2)), (200, _completion("two", 5))])
+    fake_server.by_content.update({"Say 0.": (200, _completion("zero", 2)), "Say 2.": (200, _completion("two", 5))})
     cfg = OpenAIEngineConfig(base_url=fake_server.url, model="teacher", max_retries=0)
     rows = _rows(3, skip=(1,))
     rows[2]["sampling"] = {"temperature": 0.5, "max_tokens": 4, "top_p": None}  # None: not sent
@@ -117,7 +124,7 @@ def test_replies_skips_and_payload(fake_server):
         {k: row[k] for k in ("id", "messages", "skip", "meta")} for row in rows
     ]
     assert len(fake_server.requests) == 2
-    first, second = (r["body"] for r in fake_server.requests)
+    first, second = sorted((r["body"] for r in fake_server.requests), key=lambda b: b["messages"][0]["content"])
     assert first == {"model": "teacher", "messages": [{"role": "user", "content": "Say 0."}], "temperature": 0.0, "max_tokens": 8}
     assert second["temperature"] == 0.5 and "top_p" not in second
     assert fake_server.requests[0]["path"] == "/v1/chat/completions" and fake_server.requests[0]["auth"] is None
@@ -125,7 +132,7 @@ def test_replies_skips_and_payload(fake_server):
     # Messages and sampling may also arrive as JSON text (one arrow type whatever the keys).
     as_json = [{"messages": json.dumps(rows[0]["messages"]), "sampling": json.dumps({"max_tokens": 2})}]
     out = _udf(cfg)(pa.Table.from_pylist(as_json)).to_pylist()
-    assert out[0]["reply"] == "ok" and "reply_prompt_tokens" not in out[0]
+    assert out[0]["reply"] == "zero" and "reply_prompt_tokens" not in out[0]
     assert fake_server.requests[-1]["body"] == {"model": "teacher", "messages": rows[0]["messages"], "max_tokens": 2}
 
 
