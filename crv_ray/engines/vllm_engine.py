@@ -15,6 +15,38 @@ from crv_ray.engines.columns import MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_
 from crv_ray.engines.vllm_pool import PoolClient, sampling_dict, uses_gpu
 
 
+def pool_sampling(cfg: VLLMEngineConfig, sampling: Sampling, structured: dict | None) -> tuple[dict, bool]:
+    """(vLLM sampling parameters shared by a stage's requests, whether rows carry their own seed)."""
+    seeded = uses_gpu(cfg)
+    return sampling_dict(sampling, structured if cfg.structured_output else None, seeded=seeded), seeded
+
+
+def pool_requests(messages: list, skips: list, seeds: list, keys: list, base: dict,
+                  seeded: bool) -> tuple[list[int], list[dict], list[str]]:
+    """(indices of the rows that need a call, their requests, their routing keys) from the request columns."""
+    todo = [i for i, s in enumerate(skips) if not s]
+    requests = []
+    for i in todo:
+        params = dict(base)
+        if seeded and seeds[i] is not None:
+            params["seed"] = int(seeds[i])
+        requests.append({"messages": json.loads(messages[i]), "sampling": params})
+    return todo, requests, [str(keys[i]) for i in todo]
+
+
+REPLY_TYPES = {OUT_REPLY: pa.string(), OUT_TOKENS: pa.int64(), OUT_PROMPT_TOKENS: pa.int64(), OUT_ERROR: pa.string()}
+
+
+def reply_columns(n: int, todo: list[int], replies: list[dict]) -> dict[str, list]:
+    """The reply columns for n rows, from the replies to rows `todo` (the others needed no call)."""
+    cols: dict[str, list] = {OUT_REPLY: [None] * n, OUT_TOKENS: [0] * n, OUT_PROMPT_TOKENS: [0] * n,
+                             OUT_ERROR: [None] * n}
+    for i, rep in zip(todo, replies):
+        cols[OUT_REPLY][i], cols[OUT_TOKENS][i] = rep["text"], rep["completion_tokens"]
+        cols[OUT_PROMPT_TOKENS][i], cols[OUT_ERROR][i] = rep["prompt_tokens"], rep["error"]
+    return cols
+
+
 class PoolStage:
     """Ray Data callable class (async: several batches in flight per actor, all waiting on the engine)."""
 
@@ -22,27 +54,13 @@ class PoolStage:
         self.client, self.base, self.seeded, self.keep, self.key = client, base, seeded, keep, key_column
 
     async def __call__(self, batch: pa.Table):
-        skip = batch.column(SKIP).to_pylist()
-        todo = [i for i, s in enumerate(skip) if not s]
-        messages = batch.column(MESSAGES).to_pylist()
         seeds = batch.column(SEED).to_pylist() if SEED in batch.column_names else [None] * batch.num_rows
-        keys = batch.column(self.key).to_pylist()
-        requests = []
-        for i in todo:
-            params = dict(self.base)
-            if self.seeded and seeds[i] is not None:
-                params["seed"] = int(seeds[i])
-            requests.append({"messages": json.loads(messages[i]), "sampling": params})
-        replies = await self.client.agenerate(requests, [str(keys[i]) for i in todo]) if todo else []
-        text: list = [None] * batch.num_rows
-        out_tok, in_tok, err = [0] * batch.num_rows, [0] * batch.num_rows, [None] * batch.num_rows
-        for i, rep in zip(todo, replies):
-            text[i], out_tok[i], in_tok[i], err[i] = (rep["text"], rep["completion_tokens"], rep["prompt_tokens"],
-                                                      rep["error"])
+        todo, requests, keys = pool_requests(batch.column(MESSAGES).to_pylist(), batch.column(SKIP).to_pylist(),
+                                             seeds, batch.column(self.key).to_pylist(), self.base, self.seeded)
+        replies = await self.client.agenerate(requests, keys) if todo else []
         out = batch.select([c for c in self.keep if c in batch.column_names])
-        for name, values, typ in ((OUT_REPLY, text, pa.string()), (OUT_TOKENS, out_tok, pa.int64()),
-                                  (OUT_PROMPT_TOKENS, in_tok, pa.int64()), (OUT_ERROR, err, pa.string())):
-            out = out.append_column(name, pa.array(values, typ))
+        for name, values in reply_columns(batch.num_rows, todo, replies).items():
+            out = out.append_column(name, pa.array(values, REPLY_TYPES[name]))
         yield out
 
 
@@ -50,8 +68,7 @@ def build_vllm_transform(cfg: VLLMEngineConfig, client: PoolClient, sampling: Sa
                          keep: list[str], key_column: str) -> Callable:
     import ray.data
 
-    seeded = uses_gpu(cfg)
-    base = sampling_dict(sampling, structured if cfg.structured_output else None, seeded=seeded)
+    base, seeded = pool_sampling(cfg, sampling, structured)
     inflight = cfg.max_inflight_batches * cfg.replicas
 
     def transform(ds):

@@ -1,13 +1,12 @@
 """The refine stage on Ray Data: ingest into shards, run the role stages (streaming or staged), commit per shard.
 
-The glue is thin: `roles.build_stages` says what each stage does to a row, `engines.build_engine_transform`
-gives the engine pool for a stage, and this module chains them with `map`/`flat_map` and commits results.
+The glue is thin: `roles.build_stages` says what each stage does to a row, `dataflow.build_stages_dataset` makes
+Ray Data operators of them, and this module runs those over the shards and commits results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -22,14 +21,12 @@ from crv_ray import storage
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
-from crv_ray.engines import (EnginePools, build_engine_transform, caller_resources, engine_pool_key,
-                             pool_resources)
-from crv_ray.engines.columns import (MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP,
-                                     request_schema)
+from crv_ray.engines import EnginePools, caller_resources, engine_pool_key, pool_resources
 from crv_ray.progress import Progress
 from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
-from crv_ray.refine.roles import Reply, StageSpec, build_stages, check_original
+from crv_ray.refine.dataflow import build_stages_dataset
+from crv_ray.refine.roles import StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
 from crv_ray.run_paths import shard_name
@@ -142,97 +139,6 @@ def ingest(cfg: RunConfig, store: RefineStore) -> dict:
     }
     store.write_state(state)
     return state
-
-
-# ------------------------------------------------------------------ Ray Data glue for the stages
-# A row step: one working row in, the rows it becomes out (one, or several for a fanout).
-RowStep = Callable[[dict], list[dict]]
-
-
-def _prepare_step(spec: StageSpec) -> RowStep:
-    per_sample_seed = spec.extra.get("per_sample_seed", False)
-    base_seed = (spec.sampling.seed or 0) if spec.sampling else 0
-
-    def prepare(row: dict) -> list[dict]:
-        msgs = spec.prepare(row) if spec.prepare else None
-        row[MESSAGES] = json.dumps(msgs) if msgs is not None else None
-        row[SKIP] = msgs is None
-        row[SEED] = base_seed + int(row.get("sample_index") or 0) if per_sample_seed else None
-        return [row]
-
-    return prepare
-
-
-def _apply_step(spec: StageSpec) -> RowStep:
-    def apply(row: dict) -> list[dict]:
-        skipped = bool(row.get(SKIP, True))
-        if spec.apply is not None and (not skipped or spec.apply_on_skip):
-            reply = Reply(text=row.get(OUT_REPLY), prompt_tokens=row.get(OUT_PROMPT_TOKENS) or 0,
-                          completion_tokens=row.get(OUT_TOKENS) or 0, error=row.get(OUT_ERROR), skipped=skipped)
-            row = spec.apply(row, reply)
-        return [row]
-
-    return apply
-
-
-def _skipped_step(spec: StageSpec) -> RowStep:
-    return lambda row: [spec.apply(row, Reply(text=None, skipped=True))]
-
-
-def run_row_steps(batch: pa.Table, steps: list[RowStep], schema: pa.Schema) -> pa.Table:
-    """The Ray Data task between two engine calls: every row step in order on a whole block, one Arrow -> Python ->
-    Arrow conversion for all of them. The explicit schema keeps column types fixed (Ray Data's row `map` infers
-    them per block: an int column with nulls became floats, which vLLM rejects as a seed)."""
-    rows = batch.to_pylist()
-    for step in steps:
-        rows = [out for row in rows for out in step(row)]
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-class RowStepsActor:
-    """`run_row_steps` in an actor, for a step that builds something costly once (OriginalCheck's tokenizers)."""
-
-    def __init__(self, cls: type, cfg: RunConfig, schema: pa.Schema):
-        obj = cls(cfg)
-        self.steps, self.schema = [lambda row: [obj(row)]], schema
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_row_steps(batch, self.steps, self.schema)
-
-
-def build_stages_dataset(ds, cfg: RunConfig, stages: list[StageSpec], schema: pa.Schema,
-                         pools: EnginePools | None = None):
-    """Chain the stages on `ds`. The row steps between two engine calls (apply of one stage, fanout and prepare of
-    the next) run as one fused Ray Data task per block; each engine call is its pool's caller actor."""
-    call_schema = request_schema(schema)
-    steps: list[RowStep] = []
-
-    def flush(ds, out_schema: pa.Schema):
-        if steps:
-            ds = ds.map_batches(run_row_steps, fn_kwargs={"steps": list(steps), "schema": out_schema},
-                                batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            steps.clear()
-        return ds
-
-    for spec in stages:
-        if spec.fanout is not None:
-            steps.append(spec.fanout)
-        if spec.engine is None:
-            if "callable_class" in spec.extra:
-                import ray.data
-
-                ds = flush(ds, schema).map_batches(
-                    RowStepsActor, fn_constructor_args=(spec.extra["callable_class"], cfg, schema),
-                    batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1))
-            else:
-                steps.append(_skipped_step(spec))
-            continue
-        steps.append(_prepare_step(spec))
-        ds = flush(ds, call_schema)
-        ds = build_engine_transform(cfg, spec.engine, spec.sampling, spec.structured, schema.names + [SKIP],
-                                    caller=spec.name, pools=pools)(ds)
-        steps.append(_apply_step(spec))
-    return flush(ds, schema)
 
 
 # ------------------------------------------------------------------ collecting per shard, with a watchdog

@@ -1,4 +1,4 @@
-"""The fused row steps between engine calls (`pipeline.run_row_steps`), as a pure function on Arrow blocks."""
+"""The fused row steps between engine calls (`dataflow.run_row_steps`), as a pure function on Arrow blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 from crv_ray.config import load_config_dict
 from crv_ray.engines.columns import (MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP,
                                      request_schema)
-from crv_ray.refine.pipeline import _apply_step, _prepare_step, run_row_steps
+from crv_ray.refine.dataflow import _apply_step, _prepare_step, run_row_steps
 from crv_ray.refine.roles import student_stage
 from crv_ray.refine.state import empty_state, state_schema, to_table
 
