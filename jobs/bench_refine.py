@@ -7,6 +7,7 @@ peak RSS is its own (the driver's, for crv-ray: engines live in Ray workers).
 
     python jobs/bench_refine.py                     # N = 100 and 1000, tiny model, streaming mode
     python jobs/bench_refine.py --n 50 --mode staged --model builtin:smollm2-135m
+    python jobs/bench_refine.py --repeat 3          # each size and side 3 times, interleaved; median walls
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,42 +119,70 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--mode", choices=["streaming", "staged"], default="streaming")
     ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each size and side, interleaved; rows/s from the median wall (this VM's speed "
+                    "drifts by tens of percent within an hour)")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CFG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results = []
+    runs: dict[tuple[int, str], list[dict]] = {(n, side): [] for n in args.n for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.n:
-            cfg = bench_config(n, args.mode, args.model, f"{tmp}/run-{n}")
-            cfg_path = Path(tmp) / f"cfg-{n}.json"
-            cfg_path.write_text(json.dumps(cfg))
-            row = {"n": n}
-            for side in ("crv", "baseline"):
-                p = subprocess.run([sys.executable, __file__, "--child", side, str(cfg_path)], env=env,
-                                   capture_output=True, text=True)
-                line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                if p.returncode != 0 or not line:
-                    sys.exit(f"{side} N={n} failed:\n{p.stderr[-4000:]}")
-                r = json.loads(line[-1][7:])
-                row[side] = r
-                print(f"N={n} {side}: {r}", flush=True)
-            results.append(row)
-    print(f"\nrefine benchmark ({args.model}, refine.mode={args.mode}, {os.cpu_count()} CPUs)")
-    print(f"{'N':>6} {'crv rows/s':>11} {'script rows/s':>14} {'ratio':>6} {'crv driver RSS MB':>18} {'script RSS MB':>14}")
-    for row in results:
-        c, b = row["crv"], row["baseline"]
-        rc, rb = c["rows"] / c["wall_s"], b["rows"] / b["wall_s"]
-        print(f"{row['n']:>6} {rc:>11.2f} {rb:>14.2f} {rc / rb:>6.2f} {c['peak_rss_mb']:>18.0f} {b['peak_rss_mb']:>14.0f}")
-    if len(results) >= 2:
+        # Repeats interleave sizes and sides, so a slow spell of the machine hits both sides alike.
+        for rep in range(args.repeat):
+            for n in args.n:
+                cfg = bench_config(n, args.mode, args.model, f"{tmp}/run-{n}-{rep}")
+                cfg_path = Path(tmp) / f"cfg-{n}-{rep}.json"
+                cfg_path.write_text(json.dumps(cfg))
+                for side in SIDES:
+                    p = subprocess.run([sys.executable, __file__, "--child", side, str(cfg_path)], env=env,
+                                       capture_output=True, text=True)
+                    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if p.returncode != 0 or not line:
+                        sys.exit(f"{side} N={n} failed:\n{p.stderr[-4000:]}")
+                    r = json.loads(line[-1][7:])
+                    runs[(n, side)].append(r)
+                    print(f"run {rep + 1} N={n} {side}: {r}", flush=True)
+    print(f"\nrefine benchmark ({args.model}, refine.mode={args.mode}, {os.cpu_count()} CPUs"
+          f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''})")
+    print("\n".join(summary(runs, args.n)))
+
+
+SIDES = ("crv", "baseline")
+
+
+def summary(runs: dict[tuple[int, str], list[dict]], ns: list[int]) -> list[str]:
+    """The table: rows/s from each size's median wall, driver peak RSS (the largest seen); then the marginal rate
+    between the smallest and largest size, per repeat and from the medians."""
+    def wall(n: int, side: str) -> float:
+        return statistics.median(r["wall_s"] for r in runs[(n, side)])
+
+    lines = [f"{'N':>6} {'crv rows/s':>11} {'script rows/s':>14} {'ratio':>6} {'crv driver RSS MB':>18} "
+             f"{'script RSS MB':>14}"]
+    for n in ns:
+        rc, rb = n / wall(n, "crv"), n / wall(n, "baseline")
+        rss = [max(r["peak_rss_mb"] for r in runs[(n, side)]) for side in SIDES]
+        lines.append(f"{n:>6} {rc:>11.2f} {rb:>14.2f} {rc / rb:>6.2f} {rss[0]:>18.0f} {rss[1]:>14.0f}")
+    if len(ns) >= 2:
         # The marginal rate leaves out what both pay once (start-up, model loads): rows/s between the two sizes.
-        lo, hi = results[0], results[-1]
-        dn = hi["n"] - lo["n"]
-        mc = dn / (hi["crv"]["wall_s"] - lo["crv"]["wall_s"])
-        mb = dn / (hi["baseline"]["wall_s"] - lo["baseline"]["wall_s"])
-        print(f"marginal N={lo['n']}->{hi['n']}: crv {mc:.2f} rows/s, script {mb:.2f} rows/s, ratio {mc / mb:.2f}")
+        lo, hi = ns[0], ns[-1]
+
+        def marginal(walls: dict[str, tuple[float, float]]) -> tuple[float, ...]:
+            return tuple((hi - lo) / (walls[side][1] - walls[side][0]) for side in SIDES)
+
+        reps = len(runs[(lo, "crv")])
+        if reps > 1:
+            for i in range(reps):
+                mc, mb = marginal({side: (runs[(lo, side)][i]["wall_s"], runs[(hi, side)][i]["wall_s"])
+                                   for side in SIDES})
+                lines.append(f"run {i + 1} marginal N={lo}->{hi}: crv {mc:.2f} rows/s, script {mb:.2f} rows/s, "
+                             f"ratio {mc / mb:.2f}")
+        mc, mb = marginal({side: (wall(lo, side), wall(hi, side)) for side in SIDES})
+        lines.append(f"marginal N={lo}->{hi}{' (median walls)' if reps > 1 else ''}: crv {mc:.2f} rows/s, "
+                     f"script {mb:.2f} rows/s, ratio {mc / mb:.2f}")
+    return lines
 
 
 if __name__ == "__main__":
