@@ -62,31 +62,31 @@ def _skipped_step(spec: StageSpec) -> RowStep:
     return lambda row: [spec.apply(row, Reply(text=None, skipped=True))]
 
 
-def run_row_steps(batch: pa.Table, steps: list[RowStep], schema: pa.Schema) -> pa.Table:
-    """The Ray Data task between two engine calls: every row step in order on a whole block, one Arrow -> Python ->
-    Arrow conversion for all of them. The explicit schema keeps column types fixed (Ray Data's row `map` infers
-    them per block: an int column with nulls became floats, which vLLM rejects as a seed)."""
-    rows = batch.to_pylist()
-    for step in steps:
-        rows = [out for row in rows for out in step(row)]
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-class RowStepsActor:
-    """`run_row_steps` in an actor, for a step that builds something costly once (OriginalCheck's tokenizers)."""
-
-    def __init__(self, cls: type, cfg: RunConfig, schema: pa.Schema):
-        obj = cls(cfg)
-        self.steps, self.schema = [lambda row: [obj(row)]], schema
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_row_steps(batch, self.steps, self.schema)
+def _callable_step(obj: Callable[[dict], dict]) -> RowStep:
+    return lambda row: [obj(row)]
 
 
 def _run_steps(rows: list[dict], steps: list[RowStep]) -> list[dict]:
     for step in steps:
         rows = [out for row in rows for out in step(row)]
     return rows
+
+
+def run_row_steps(batch: pa.Table, steps: list[RowStep], schema: pa.Schema) -> pa.Table:
+    """The Ray Data task between two engine calls: every row step in order on a whole block, one Arrow -> Python ->
+    Arrow conversion for all of them. The explicit schema keeps column types fixed (Ray Data's row `map` infers
+    them per block: an int column with nulls became floats, which vLLM rejects as a seed)."""
+    return pa.Table.from_pylist(_run_steps(batch.to_pylist(), steps), schema=schema)
+
+
+class RowStepsActor:
+    """`run_row_steps` in an actor, for a step that builds something costly once (OriginalCheck's tokenizers)."""
+
+    def __init__(self, cls: type, cfg: RunConfig, schema: pa.Schema):
+        self.steps, self.schema = [_callable_step(cls(cfg))], schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return run_row_steps(batch, self.steps, self.schema)
 
 
 class BlockRunner:
@@ -131,10 +131,6 @@ class BlockRunner:
                     row[name] = value
         rows = await loop.run_in_executor(self.pool, _run_steps, rows, self.tail)
         yield pa.Table.from_pylist(rows, schema=self.schema)
-
-
-def _callable_step(obj: Callable[[dict], dict]) -> RowStep:
-    return lambda row: [obj(row)]
 
 
 def build_stages_dataset(ds, cfg: RunConfig, stages: list[StageSpec], schema: pa.Schema,
