@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SIDES = ("crv", "baseline")  # crv-ray, the plain vllm.LLM script
+
+
 def bench_config(n: int, mode: str, model: str, run_dir: str) -> dict:
     import yaml
 
@@ -148,9 +151,6 @@ def main() -> None:
     print(f"\nrefine benchmark ({args.model}, refine.mode={args.mode}, {os.cpu_count()} CPUs"
           f"{f', median of {args.repeat} runs' if args.repeat > 1 else ''})")
     print("\n".join(summary(runs, args.n)))
-
-
-SIDES = ("crv", "baseline")
 
 
 def summary(runs: dict[tuple[int, str], list[dict]], ns: list[int]) -> list[str]:
