@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -210,10 +211,22 @@ def test_watchdog_turns_a_hang_into_an_error(ray_local, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": "h", "problem": "[hang=20] What is 2+3?", "answer": "5", "cot": COT_OK}) + "\n")
     cfg = make_cfg(tmp_path, refine={"watchdog_s": 2, "startup_timeout_s": 4})
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    def executors() -> set[str]:
+        return {t.name for t in threading.enumerate() if isinstance(t, StreamingExecutor)}
+
+    before = executors()
     t0 = time.time()
     with pytest.raises(RefineStalled, match="refine.startup_timeout_s"):
         run_refine(cfg)
     assert time.time() - t0 < 20
+    # The stalled execution is ended, not left scheduling in this process until ray.shutdown (the hung call takes
+    # 20 s; its executor thread is gone well before).
+    deadline = time.time() + 5
+    while time.time() < deadline and executors() - before:
+        time.sleep(0.2)
+    assert executors() - before == set()
 
 
 def test_pools_that_cannot_fit_fail_before_starting(ray_local, tmp_path):

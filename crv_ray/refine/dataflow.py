@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from crv_ray.config import RunConfig, VLLMEngineConfig
-from crv_ray.engines import CALLER_CPUS, EnginePools, build_engine_transform
+from crv_ray.engines import CALLER_CPUS, EnginePools, build_engine_transform, caller_resources
 from crv_ray.engines.columns import (MESSAGES, OUT_ERROR, OUT_PROMPT_TOKENS, OUT_REPLY, OUT_TOKENS, SEED, SKIP,
                                      request_schema)
 from crv_ray.refine.roles import Reply, StageSpec
@@ -133,20 +133,37 @@ class BlockRunner:
         yield pa.Table.from_pylist(rows, schema=self.schema)
 
 
+def runs_as_block_runner(cfg: RunConfig, engines: set[str]) -> bool:
+    """Whether stages calling `engines` run as one `BlockRunner` operator (every engine a vLLM pool)."""
+    return bool(engines) and all(isinstance(cfg.engines[e], VLLMEngineConfig) for e in engines)
+
+
+def block_runners(cfg: RunConfig, engines: set[str]) -> int:
+    """One runner per replica of the largest pool, so the row steps (answer checks) grow with the engines."""
+    return max(cfg.engines[e].replicas for e in engines)
+
+
+def caller_cpus(cfg: RunConfig, stage_engines: list[str]) -> float:
+    """Logical CPUs the callers of stages calling `stage_engines` (one entry per stage) hold: the block runners, or
+    each stage's callers in a chain."""
+    if runs_as_block_runner(cfg, set(stage_engines)):
+        return CALLER_CPUS * block_runners(cfg, set(stage_engines))
+    return sum(caller_resources(cfg, e)["CPU"] for e in stage_engines)
+
+
 def build_stages_dataset(ds, cfg: RunConfig, stages: list[StageSpec], schema: pa.Schema,
                          pools: EnginePools | None = None, key_column: str = "problem_id"):
     """Chain the stages on `ds`: one `BlockRunner` operator when every engine they call is a vLLM pool, else
     `_chain`."""
     engines = {s.engine for s in stages if s.engine is not None}
-    if not engines or pools is None or not all(isinstance(cfg.engines[e], VLLMEngineConfig) for e in engines):
+    if pools is None or not runs_as_block_runner(cfg, engines):
         return _chain(ds, cfg, stages, schema, pools)
     import ray.data
 
     clients = {e: pools.client(e) for e in engines}
     engine_cfgs = [cfg.engines[e] for e in engines]
-    # One runner per replica of the largest pool, so the row steps (answer checks) grow with the engines; each keeps
-    # as many blocks in flight as a chain's callers would keep waiting on a replica.
-    runners = max(c.replicas for c in engine_cfgs)
+    runners = block_runners(cfg, engines)
+    # Each runner keeps as many blocks in flight as a chain's callers would keep waiting on a replica.
     inflight = max(c.max_inflight_batches for c in engine_cfgs) * sum(1 for s in stages if s.engine is not None)
     return ds.map_batches(
         BlockRunner, fn_constructor_args=(cfg, stages, schema, clients, key_column),

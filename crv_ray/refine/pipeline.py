@@ -21,11 +21,11 @@ from crv_ray import storage
 from crv_ray.config import RunConfig
 from crv_ray.data.fingerprint import input_fingerprint
 from crv_ray.data.input import InputError, check_bad_fraction, read_problems
-from crv_ray.engines import EnginePools, caller_resources, engine_pool_key, pool_resources
+from crv_ray.engines import EnginePools, engine_pool_key, pool_resources
 from crv_ray.progress import Progress
 from crv_ray.refine.guards import critic_fallback_stats, shorten
 from crv_ray.refine.prompts import render_student_prompt
-from crv_ray.refine.dataflow import build_stages_dataset
+from crv_ray.refine.dataflow import build_stages_dataset, caller_cpus
 from crv_ray.refine.roles import StageSpec, build_stages, check_original
 from crv_ray.refine.state import empty_state, state_schema, to_table
 from crv_ray.refine.store import RefineStore, write_parquet_atomic
@@ -272,6 +272,22 @@ def iterate_with_watchdog(batches: Iterable, timeout_s: float, what: str, first_
         stop.set()
 
 
+def stop_execution(ds) -> None:
+    """End the Ray Data execution of `ds` now. After a stall the watchdog's pump thread is blocked inside Ray Data's
+    iterator, which only ends its execution once a batch arrives (a running generator cannot be closed from another
+    thread); its executor thread would otherwise go on scheduling, and die at `ray.shutdown`, in a library user's
+    process. Ray Data has no public call for it: its executor is a thread named by the dataset's id."""
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+        dataset_id = ds.get_dataset_id()
+        for t in threading.enumerate():
+            if isinstance(t, StreamingExecutor) and getattr(t, "_dataset_id", None) == dataset_id:
+                t.shutdown(force=True)
+    except Exception as e:  # noqa: BLE001 - best effort on a path that already raises
+        log.debug("could not stop a Ray Data execution: %s", e)
+
+
 def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema: pa.Schema) -> None:
     # Whole blocks as Ray Data finishes them: a fixed batch size held finished rows back until more rows arrived,
     # so a done shard waited for other shards' slow rows (or a node that died holding them) before it committed.
@@ -282,10 +298,14 @@ def run_dataset(ds, collector: ShardCollector, cfg: RunConfig, what: str, schema
     batches = iterate_with_watchdog(ds.iter_batches(batch_size=None, batch_format="pyarrow"),
                                     cfg.refine.watchdog_s, what, cfg.refine.startup_timeout_s)
     bar = Progress(what, sum(collector.expected.values()), unit="problems")
-    with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too
-        for keys in batches:
-            collector.add_keys(keys)
-            bar.update(sum(collector.finished.values()))
+    try:
+        with contextlib.closing(batches):  # a commit that raises stops the pipeline (its pools) too
+            for keys in batches:
+                collector.add_keys(keys)
+                bar.update(sum(collector.finished.values()))
+    except BaseException:
+        stop_execution(ds)
+        raise
     bar.close()
     missing = collector.incomplete()
     if missing:
@@ -381,8 +401,8 @@ def _resident(cfg: RunConfig, stages: list[StageSpec]) -> list[tuple[str, dict[s
         seen: dict[str, dict[str, float]] = {}
         for name in engines:
             seen[engine_pool_key(cfg, name) or f"-{name}"] = pool_resources(cfg, name)
-        out = {"CPU": 0.0, "GPU": 0.0}
-        for r in list(seen.values()) + [caller_resources(cfg, n) for n in callers]:
+        out = {"CPU": caller_cpus(cfg, callers), "GPU": 0.0}
+        for r in seen.values():
             out["CPU"] += r["CPU"]
             out["GPU"] += r["GPU"]
         return out

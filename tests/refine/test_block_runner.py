@@ -112,3 +112,30 @@ def test_blocks_in_flight_together_keep_their_own_rows(tmp_path):
     # One call per block and stage, and the blocks' calls were in flight together (a call takes 0.5 s here).
     assert len(agent.calls) == len(pupil.calls) == 4
     assert agent.most_inflight == 4 and pupil.most_inflight >= 2
+
+
+def test_resource_check_counts_the_runners_it_will_start(tmp_path):
+    """check_resources holds what the dataflow starts: a block runner (0.25 CPU) per replica of the largest pool
+    when every engine is a vLLM pool; a caller per stage in a chain (an OpenAI endpoint among the engines)."""
+    from crv_ray.refine.pipeline import _resident
+    from crv_ray.refine.roles import build_stages
+
+    def cpus(cfg) -> float:
+        (point,) = _resident(cfg, build_stages(cfg))
+        return point[1]["CPU"]
+
+    base = _cfg(tmp_path)
+    n_calls = sum(1 for s in build_stages(base) if s.engine is not None)
+    assert n_calls >= 4  # critic, rethinker, verifier, student, ... : a chain would hold a caller each
+    engine = {"kind": "vllm", "model": "builtin:tiny", "use_gpu": False}
+    for replicas in (1, 8):
+        raw = {**base.model_dump(mode="json", exclude_unset=True),
+               "engines": {"agent": {**engine, "replicas": replicas}, "student": {**engine, "max_model_len": 2048}}}
+        # two pools (agent x replicas, student x 1), one CPU a replica, and one runner per agent replica
+        assert cpus(load_config_dict(raw)) == replicas + 1 + 0.25 * replicas
+    openai = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "concurrency": 2}
+    raw = {**base.model_dump(mode="json", exclude_unset=True),
+           "engines": {"agent": openai, "student": {**engine, "max_model_len": 2048}}}
+    chain = load_config_dict(raw)
+    agent_calls = sum(1 for s in build_stages(chain) if s.engine == "agent")
+    assert cpus(chain) == 1 + 0.25 * 2 * agent_calls + 0.25 * (n_calls - agent_calls)
