@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,18 +84,43 @@ def read_state_files(ckpt_dir: Path, rank: int) -> tuple[dict, dict | None]:
     return train_state, rng
 
 
+def write_and_report(global_step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+    """`write(dir)` this rank's part of the checkpoint of `global_step`, then report it to Ray Train (a barrier:
+    every rank calls this at the same step).
+
+    On a filesystem path (local, or a shared mount) `dir` is the checkpoint's own directory in the run's storage:
+    Ray Train records it where it is (NO_UPLOAD). Writing to a temporary directory for Ray Train to copy wrote every
+    byte twice and needed the node's temp disk to hold a whole checkpoint part (a 7B student's weights with AdamW
+    state are about 84 GB). On object storage Ray Train uploads a temporary directory, as before. A part left
+    behind by a crash mid-write is never reported, and the same step's next save overwrites it."""
+    import pyarrow.fs
+    import ray.train
+
+    name = f"checkpoint_step{global_step:08d}"
+    storage = ray.train.get_context().get_storage()
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        path = Path(storage.build_checkpoint_path_from_name(name))
+        path.mkdir(parents=True, exist_ok=True)
+        write(path)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(path), filesystem=storage.storage_filesystem),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        return
+    with tempfile.TemporaryDirectory(prefix="crv-ckpt-") as tmp:
+        write(Path(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_state: dict,
                     metrics: dict) -> None:
     """Write this rank's shard and report it (a barrier: every rank must call this at the same step)."""
-    import ray.train
-
     rank, _ = rank_and_world()
-    with tempfile.TemporaryDirectory(prefix="crv-ckpt-") as tmp:
+
+    def write(ckpt_dir: Path) -> None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        write_state_files(Path(tmp), rank, scheduler.state_dict(), train_state, rng_state())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{train_state['global_step']:08d}")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
+        write_state_files(ckpt_dir, rank, scheduler.state_dict(), train_state, rng_state())
+
+    write_and_report(train_state["global_step"], metrics, write)
 
 
 def load_latest_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:

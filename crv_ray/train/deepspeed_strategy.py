@@ -16,7 +16,6 @@ import of deepspeed, since the accelerator is chosen then.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -102,16 +101,15 @@ def setup_deepspeed_engine(model_dir: str | Path, cfg: TrainConfig, stage: _Stag
 def save_deepspeed_checkpoint(engine, scheduler, train_state: dict, metrics: dict) -> None:
     """DeepSpeed's own checkpoint (every rank writes its partitions) plus crv-ray's state files, reported to Ray
     Train like the FSDP2 one. A barrier: every rank calls it at the same step."""
-    import ray.train
-
-    from crv_ray.train.checkpoint import write_state_files
+    from crv_ray.train.checkpoint import write_and_report, write_state_files
 
     rank, _ = rank_and_world()
-    with tempfile.TemporaryDirectory(prefix="crv-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
-        write_state_files(Path(tmp), rank, scheduler.state_dict(), train_state, rng_state())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_step{train_state['global_step']:08d}")
+
+    def write(ckpt_dir: Path) -> None:
+        engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
+        write_state_files(ckpt_dir, rank, scheduler.state_dict(), train_state, rng_state())
+
+    write_and_report(train_state["global_step"], metrics, write)
 
 
 def load_latest_deepspeed_checkpoint(engine, scheduler) -> dict | None:
