@@ -75,3 +75,77 @@ def test_old_pickle_checkpoint_is_refused_unread(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(OldCheckpointError, match=f"has no {TRAINER_STATE}"):
         read_state_files(tmp_path, 0)
+
+
+class _Storage:
+    """Ray Train's StorageContext, as far as `write_and_report` uses it."""
+
+    def __init__(self, fs, root: str):
+        self.storage_filesystem, self.root = fs, root
+
+    def build_checkpoint_path_from_name(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+
+def _reports(monkeypatch, storage) -> list[dict]:
+    """ray.train's context and report, recording what each report carried (and the files there at that moment)."""
+    import os
+    from types import SimpleNamespace
+
+    import ray.train
+
+    out: list[dict] = []
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_storage=lambda: storage))
+
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None,
+               checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC):
+        out.append({"metrics": metrics, "path": checkpoint.path, "files": sorted(os.listdir(checkpoint.path)),
+                    "name": checkpoint_dir_name, "mode": checkpoint_upload_mode})
+
+    monkeypatch.setattr(ray.train, "report", report)
+    return out
+
+
+def test_checkpoint_on_a_filesystem_path_is_written_in_place(tmp_path, monkeypatch):
+    import pyarrow.fs
+    import ray.train
+
+    from crv_ray.train.checkpoint import write_and_report
+
+    reports = _reports(monkeypatch, _Storage(pyarrow.fs.LocalFileSystem(), str(tmp_path / "exp")))
+    # A part left by a run that died mid-write at this step: never reported, overwritten by the next save.
+    target = tmp_path / "exp" / "checkpoint_step00000007"
+    target.mkdir(parents=True)
+    (target / "__0_0.distcp").write_text("half")
+    seen = []
+
+    def write(d):
+        seen.append(d)
+        (d / "__0_0.distcp").write_text("whole")
+
+    write_and_report(7, {"loss": 1.5}, write)
+    assert seen == [target]  # no temporary directory: Ray Train registers the files where they are
+    assert (target / "__0_0.distcp").read_text() == "whole"
+    assert reports == [{"metrics": {"loss": 1.5}, "path": str(target), "files": ["__0_0.distcp"],
+                        "name": "checkpoint_step00000007", "mode": ray.train.CheckpointUploadMode.NO_UPLOAD}]
+
+
+def test_checkpoint_on_object_storage_goes_through_a_temporary_directory(tmp_path, monkeypatch):
+    import pyarrow.fs
+    import ray.train
+
+    from crv_ray.train.checkpoint import write_and_report
+
+    # Any filesystem but a local one (S3 in tests/storage): Ray Train uploads a local directory.
+    reports = _reports(monkeypatch, _Storage(pyarrow.fs._MockFileSystem(), "bucket/exp"))
+    seen = []
+
+    def write(d):
+        seen.append(d)
+        (d / "__0_0.distcp").write_text("whole")
+
+    write_and_report(3, {}, write)
+    (report,) = reports
+    assert report["path"] == str(seen[0]) and report["files"] == ["__0_0.distcp"]
+    assert report["name"] == "checkpoint_step00000003" and report["mode"] == ray.train.CheckpointUploadMode.SYNC
+    assert not seen[0].exists()  # removed once Ray Train has uploaded it
