@@ -60,6 +60,11 @@ class VLLMEngineConfig(_Strict):
     accelerator_type: str | None = Field(None, description="Ray accelerator type to pin replicas to (e.g. H100).")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Logical CPUs reserved per replica.")
     kv_cache_space_gb: int | None = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for CPU engines (GiB).")
+    cpu_cores: Literal["auto", "all"] = Field(
+        "auto", description="CPU engines: the cores the model's OpenMP threads run on. auto: vLLM's choice, every core "
+        "of the node but one, which is left to the engine's scheduler and front end (best with full batches). all: "
+        "every core the replica may use, none reserved: faster decode steps when few sequences are in flight (a "
+        "small run; 1.5x per step on 2 cores with 25 sequences), a few percent slower at full batches.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off unless you trust it.")
     structured_output: bool = Field(True, description="Constrain critic labels and verifier verdicts with guided decoding.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
@@ -436,7 +441,7 @@ _NOT_IN_REFINE_HASH: dict[str, tuple[str, ...]] = {
     "vllm": ("tensor_parallel_size", "pipeline_parallel_size", "replicas", "batch_size", "max_inflight_batches",
              "max_restarts", "max_num_seqs",
              "enforce_eager", "gpu_memory_utilization", "use_gpu", "accelerator_type", "cpus_per_replica",
-             "kv_cache_space_gb"),
+             "kv_cache_space_gb", "cpu_cores"),
     "openai": ("base_url", "api_key_env", "concurrency", "batch_size", "qps", "max_retries", "base_retry_wait_s",
                "timeout_s"),
     "scripted": (),

@@ -28,6 +28,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -50,6 +51,33 @@ class EngineCrashLoop(RuntimeError):
 # its cores: measured marginal ratio 0.99 / 0.87 / 0.98 with it at 10 against 0.78 / 0.91 at 0 (bench_refine, 2 cores).
 # GPU engines keep it at 0: there it feeds the GPU and competes with nothing of its own.
 CPU_FRONT_END_NICENESS = 10
+
+
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole CPUs this container may use (cgroup v2 quota, e.g. a Kubernetes CPU limit), or None when unlimited. A
+    pod's affinity still lists every core of its node."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, int(quota) // int(period))  # 2.5 CPUs: 2 threads, not 3
+
+
+def cpu_binding_env(cores: str, usable: set[int], limit: int | None = None) -> dict[str, str]:
+    """vLLM's CPU thread-binding variables for `cpu_cores` (config), given the cores this process may use and the
+    container's CPU limit: nothing for auto (vLLM binds the model worker to all but one core); for all, every usable
+    core (the first `limit` of them under a limit: more threads than the quota allows stall each other) as ranges
+    ("0-1", "0-3,6-7") and no core reserved."""
+    if cores == "auto":
+        return {}
+    ids, spans = sorted(usable)[:limit], []
+    for c in ids:
+        if spans and c == spans[-1][1] + 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    bind = ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    return {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def lower_priority(niceness: int) -> None:
@@ -176,8 +204,10 @@ def new_load_log():
 
 class VLLMEngineActor:
     def __init__(self, pool: str, replica: int, model_path: str, kwargs: dict, load_log: str, max_pending: int,
-                 front_end_niceness: int = 0):
+                 front_end_niceness: int = 0, cpu_cores: str = "auto"):
         t0 = time.time()
+        # Read by vLLM's CPU worker, a child of this process; the cores are this node's, known only here.
+        os.environ.update(cpu_binding_env(cpu_cores, os.sched_getaffinity(0), cgroup_cpu_limit()))
         import vllm
         from transformers import AutoTokenizer
         from vllm.usage.usage_lib import UsageContext
@@ -431,7 +461,7 @@ class VLLMPool:
                 opts["accelerator_type"] = self.cfg.accelerator_type
             actor = ray.remote(VLLMEngineActor).options(**opts).remote(
                 self.name, r, self.model_path, kwargs, self.load_log, max_pending,
-                0 if gpu else CPU_FRONT_END_NICENESS)
+                0 if gpu else CPU_FRONT_END_NICENESS, "auto" if gpu else self.cfg.cpu_cores)
             self.actors.append(actor)
 
     def wait_ready(self, timeout_s: float) -> float:

@@ -56,6 +56,13 @@ def test_poison_row_is_quarantined_and_the_run_goes_on(ray_local, tmp_path, monk
     assert pool["replicas"] == 1 and pool["loads"] in (3, 4), pool
 
 
+def _thread_cores(pid: int) -> set[int]:
+    """The cores any thread of `pid` may run on (vLLM pins each OpenMP thread of its model worker to one core)."""
+    import os
+
+    return set().union(*(os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()))
+
+
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -96,6 +103,59 @@ def test_cpu_engine_runs_above_ray_workers_and_its_front_end_below(ray_local, ti
         assert os.getpriority(os.PRIO_PROCESS, pid) == max(base, CPU_FRONT_END_NICENESS)
         ray_worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
         assert ray_worker == min(base + 15, 19)  # what Ray Data's steps and the callers run at
+        reply = pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
+                                         "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}],
+                                        ["k"])[0]
+        assert reply["error"] is None and reply["completion_tokens"] == 4
+        # cpu_cores=auto: vLLM binds the model worker to all cores but one (left to the engine core and front end)
+        worker = next(p for p, c in engine.items() if c.startswith("VLLM::Worker"))
+        usable = os.sched_getaffinity(0)
+        if len(usable) > 1:
+            assert _thread_cores(worker) < usable
+    finally:
+        pool.stop()
+
+
+def test_cpu_binding_env_lists_every_usable_core():
+    from crv_ray.engines.vllm_pool import cpu_binding_env
+
+    assert cpu_binding_env("auto", {0, 1}) == {}
+    assert cpu_binding_env("all", {0, 1}) == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_binding_env("all", {0, 1, 2, 3, 6, 7, 9})["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6-7,9"
+    # a pod limited to 3 CPUs on a 64-core node: 3 threads, not 64 throttled ones
+    assert cpu_binding_env("all", set(range(64)), limit=3)["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+
+
+def test_cgroup_cpu_limit(tmp_path):
+    from crv_ray.engines.vllm_pool import cgroup_cpu_limit
+
+    (tmp_path / "a").write_text("max 100000\n")
+    (tmp_path / "b").write_text("250000 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "a")) is None
+    assert cgroup_cpu_limit(str(tmp_path / "b")) == 2
+    assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.slow
+def test_cpu_cores_all_binds_the_model_worker_to_every_core(ray_local, tiny_model_dir):
+    """cpu_cores=all: the model worker's threads run on every core the replica may use, and it still answers."""
+    import os
+
+    import ray
+
+    from crv_ray.config import VLLMEngineConfig
+    from crv_ray.engines.vllm_pool import VLLMPool, new_load_log
+
+    name, log_actor = new_load_log()
+    cfg = VLLMEngineConfig(model=str(tiny_model_dir), max_model_len=256, dtype="float32", enforce_eager=True,
+                           use_gpu=False, cpu_cores="all")
+    pool = VLLMPool("allcores", cfg, str(tiny_model_dir), name)
+    pool.start()
+    try:
+        pool.wait_ready(600)
+        pid = ray.get(log_actor.all.remote())[0]["pid"]
+        worker = next(p for p in _descendants(pid) if Path(f"/proc/{p}/comm").read_text().startswith("VLLM::Worker"))
+        assert _thread_cores(worker) == os.sched_getaffinity(0)
         reply = pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
                                          "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}],
                                         ["k"])[0]

@@ -23,6 +23,7 @@ RESUMES = [
     "engines.agent.replicas=4", "engines.agent.batch_size=64", "engines.agent.max_num_seqs=8",
     "engines.agent.enforce_eager=true", "engines.agent.gpu_memory_utilization=0.5", "engines.agent.use_gpu=false",
     "engines.agent.accelerator_type=H100", "engines.agent.cpus_per_replica=2", "engines.agent.kv_cache_space_gb=4",
+    "engines.agent.cpu_cores=all",
     "engines.agent.tensor_parallel_size=2", "engines.agent.pipeline_parallel_size=2",
     "engines.agent.engine_kwargs.max_num_batched_tokens=8192", "engines.agent.engine_kwargs.enable_prefix_caching=true",
     # an OpenAI-compatible endpoint: where and how fast it is called
