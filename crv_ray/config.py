@@ -64,7 +64,8 @@ class VLLMEngineConfig(_Strict):
         "auto", description="CPU engines: the cores the model's OpenMP threads run on. auto: vLLM's choice, every core "
         "of the node but one, which is left to the engine's scheduler and front end (best with full batches). all: "
         "every core the replica may use, none reserved: faster decode steps when few sequences are in flight (a "
-        "small run; 1.5x per step on 2 cores with 25 sequences), a few percent slower at full batches.")
+        "small run; 1.5x per step on 2 cores with 25 sequences), a few percent slower at full batches. Single-process "
+        "engines only: with tensor or pipeline parallelism vLLM's binding stays.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own code. Off unless you trust it.")
     structured_output: bool = Field(True, description="Constrain critic labels and verifier verdicts with guided decoding.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")

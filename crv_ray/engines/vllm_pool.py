@@ -461,7 +461,8 @@ class VLLMPool:
                 opts["accelerator_type"] = self.cfg.accelerator_type
             actor = ray.remote(VLLMEngineActor).options(**opts).remote(
                 self.name, r, self.model_path, kwargs, self.load_log, max_pending,
-                0 if gpu else CPU_FRONT_END_NICENESS, "auto" if gpu else self.cfg.cpu_cores)
+                # cpu_cores binds one model worker's threads; several (tensor/pipeline parallel) keep vLLM's binding.
+                0 if gpu else CPU_FRONT_END_NICENESS, "auto" if gpu or n_dev > 1 else self.cfg.cpu_cores)
             self.actors.append(actor)
 
     def wait_ready(self, timeout_s: float) -> float:
