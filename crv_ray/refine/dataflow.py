@@ -146,8 +146,9 @@ def block_runners(cfg: RunConfig, engines: set[str]) -> int:
 def caller_cpus(cfg: RunConfig, stage_engines: list[str]) -> float:
     """Logical CPUs the callers of stages calling `stage_engines` (one entry per stage) hold: the block runners, or
     each stage's callers in a chain."""
-    if runs_as_block_runner(cfg, set(stage_engines)):
-        return CALLER_CPUS * block_runners(cfg, set(stage_engines))
+    engines = set(stage_engines)
+    if runs_as_block_runner(cfg, engines):
+        return CALLER_CPUS * block_runners(cfg, engines)
     return sum(caller_resources(cfg, e)["CPU"] for e in stage_engines)
 
 

@@ -56,6 +56,12 @@ def test_poison_row_is_quarantined_and_the_run_goes_on(ray_local, tmp_path, monk
     assert pool["replicas"] == 1 and pool["loads"] in (3, 4), pool
 
 
+def _say_hi(pool) -> dict:
+    """One 4-token greedy reply from the pool."""
+    return pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
+                                    "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}], ["k"])[0]
+
+
 def _thread_cores(pid: int) -> set[int]:
     """The cores any thread of `pid` may run on (vLLM pins each OpenMP thread of its model worker to one core)."""
     import os
@@ -103,9 +109,7 @@ def test_cpu_engine_runs_above_ray_workers_and_its_front_end_below(ray_local, ti
         assert os.getpriority(os.PRIO_PROCESS, pid) == max(base, CPU_FRONT_END_NICENESS)
         ray_worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
         assert ray_worker == min(base + 15, 19)  # what Ray Data's steps and the callers run at
-        reply = pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
-                                         "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}],
-                                        ["k"])[0]
+        reply = _say_hi(pool)
         assert reply["error"] is None and reply["completion_tokens"] == 4
         # cpu_cores=auto: vLLM binds the model worker to all cores but one (left to the engine core and front end)
         worker = next(p for p, c in engine.items() if c.startswith("VLLM::Worker"))
@@ -156,9 +160,7 @@ def test_cpu_cores_all_binds_the_model_worker_to_every_core(ray_local, tiny_mode
         pid = ray.get(log_actor.all.remote())[0]["pid"]
         worker = next(p for p in _descendants(pid) if Path(f"/proc/{p}/comm").read_text().startswith("VLLM::Worker"))
         assert _thread_cores(worker) == os.sched_getaffinity(0)
-        reply = pool.client().generate([{"messages": [{"role": "user", "content": "Hi"}],
-                                         "sampling": {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}}],
-                                        ["k"])[0]
+        reply = _say_hi(pool)
         assert reply["error"] is None and reply["completion_tokens"] == 4
     finally:
         pool.stop()
